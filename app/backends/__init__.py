@@ -1,0 +1,1 @@
+"""Backends: the engines behind the model names (remote providers, embedded vLLM)."""

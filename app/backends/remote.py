@@ -1,0 +1,263 @@
+"""Remote models: an OpenAI-compatible provider reached through the official ``openai`` client.
+
+The client gives us its retries, back-off, timeouts and error classes; we ask it for the raw HTTP
+response so the provider's bytes are relayed, with only ``model`` rewritten, instead of being parsed
+into objects and serialised again.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx2
+import openai
+
+from app.backends.base import Backend, CallStats, ChunkStream
+from app.errors import APIError, upstream_timeout, upstream_unavailable
+from app.jsonbytes import encode_string, prepend_field, replace_model, set_fields
+from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from app.settings import OpenAIModelSettings
+from app.streaming import DONE, sse_data
+
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
+_FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
+_ERROR_EVENT = re.compile(rb'^\s*\{\s*"error"\s*:')
+_RETRY_HEADER = "x-stainless-retry-count"
+_JSON_HEADERS = {"Content-Type": "application/json"}
+# Statuses whose provider message is about the client's own request, so it is passed on as it is.
+_CLIENT_STATUSES = frozenset({400, 404, 409, 413, 422})
+_INCLUDE_USAGE = b'{"include_usage":true}'
+
+
+class RemoteBackend(Backend):
+    def __init__(self, settings: OpenAIModelSettings) -> None:
+        super().__init__(settings.name)
+        self.settings = settings
+        self.owned_by = settings.upstream_name.split("/")[0] if "/" in settings.upstream_name else "remote"
+        self._client: openai.AsyncOpenAI | None = None
+        self._upstream_name = encode_string(settings.upstream_name)
+        self._encoded_names = {name: encode_string(name) for name in settings.served_names}
+
+    async def start(self) -> None:
+        if self.settings.missing_key_reason() is not None:
+            return
+        key = self.settings.resolved_api_key
+        self._client = openai.AsyncOpenAI(
+            # Key-less servers (Ollama, a local vLLM) ignore the header; the client insists on a value.
+            api_key=key.get_secret_value() if key else "EMPTY",
+            base_url=self.settings.resolved_base_url,
+            timeout=httpx2.Timeout(self.settings.timeout, connect=self.settings.connect_timeout),
+            max_retries=self.settings.max_retries,
+            default_headers=self.settings.extra_headers or None,
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+
+    def not_ready_reason(self) -> str | None:
+        if self._client is None:
+            return self.settings.missing_key_reason() or "not started"
+        return None
+
+    # ---- calls -----------------------------------------------------------------------------------
+
+    async def chat(
+        self, request: ChatCompletionRequest, body: bytes, served_as: str, stats: CallStats
+    ) -> bytes:
+        return await self._call("/chat/completions", request.model, body, served_as, stats)
+
+    async def chat_stream(
+        self, request: ChatCompletionRequest, body: bytes, served_as: str, stats: CallStats
+    ) -> ChunkStream:
+        return await self._stream("/chat/completions", request, body, served_as, stats)
+
+    async def completion(
+        self, request: CompletionRequest, body: bytes, served_as: str, stats: CallStats
+    ) -> bytes:
+        return await self._call("/completions", request.model, body, served_as, stats)
+
+    async def completion_stream(
+        self, request: CompletionRequest, body: bytes, served_as: str, stats: CallStats
+    ) -> ChunkStream:
+        return await self._stream("/completions", request, body, served_as, stats)
+
+    async def embeddings(
+        self, request: EmbeddingRequest, body: bytes, served_as: str, stats: CallStats
+    ) -> bytes:
+        return await self._call("/embeddings", request.model, body, served_as, stats)
+
+    # ---- plumbing --------------------------------------------------------------------------------
+
+    def _upstream_body(self, body: bytes, client_model: str) -> bytes:
+        if client_model == self.settings.upstream_name:
+            return body
+        return replace_model(body, self._upstream_name)
+
+    async def _call(self, path: str, client_model: str, body: bytes, served_as: str, stats: CallStats) -> bytes:
+        response = await self._send(path, self._upstream_body(body, client_model), stats, stream=False)
+        content = response.content
+        try:
+            data = json.loads(content)
+        except ValueError:
+            raise upstream_unavailable(
+                f"The provider for model '{self.name}' answered with a body that is not JSON."
+            ) from None
+        if not isinstance(data, dict) or "error" in data:
+            raise _error_from_body(data, response.status_code)
+        usage = data.get("usage")
+        if isinstance(usage, dict):
+            stats.prompt_tokens = usage.get("prompt_tokens")
+            stats.completion_tokens = usage.get("completion_tokens")
+        for choice in data.get("choices") or ():
+            if isinstance(choice, dict) and choice.get("finish_reason"):
+                stats.finish_reasons.append(choice["finish_reason"])
+        return replace_model(content, self._encoded_names.get(served_as) or encode_string(served_as))
+
+    async def _stream(
+        self,
+        path: str,
+        request: ChatCompletionRequest | CompletionRequest,
+        body: bytes,
+        served_as: str,
+        stats: CallStats,
+    ) -> ChunkStream:
+        payload = self._upstream_body(body, request.model)
+        wants_usage = request.wants_usage_chunk
+        # Always ask for usage: token accounting needs the provider's real counts.
+        if not wants_usage:
+            if "stream_options" in request.model_fields_set:
+                payload = set_fields(payload, {"stream_options": {"include_usage": True}})
+            else:
+                payload = prepend_field(payload, "stream_options", _INCLUDE_USAGE)
+        response = await self._send(path, payload, stats, stream=True)
+        content_type = response.headers.get("content-type", "")
+        if not content_type.startswith("text/event-stream"):
+            try:
+                data: Any = json.loads(await response.aread())
+            except ValueError:
+                data = None
+            finally:
+                await response.aclose()
+            raise _error_from_body(data, response.status_code) if isinstance(data, dict) and "error" in data \
+                else upstream_unavailable(
+                    f"The provider for model '{self.name}' answered a stream request with '{content_type}'."
+                )
+        return self._relay(response, self._encoded_names.get(served_as) or encode_string(served_as),
+                           wants_usage, stats)
+
+    async def _relay(
+        self, response: httpx2.Response, encoded_name: bytes, wants_usage: bool, stats: CallStats
+    ) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            async for data in sse_data(response.aiter_bytes()):
+                if data == DONE:
+                    finished = True
+                    break
+                if _ERROR_EVENT.match(data):
+                    raise _error_from_body(_loads(data), 502)
+                if _USAGE_OBJECT.search(data):
+                    chunk = _loads(data)
+                    usage = chunk.get("usage") or {}
+                    stats.prompt_tokens = usage.get("prompt_tokens")
+                    stats.completion_tokens = usage.get("completion_tokens")
+                    if not wants_usage and not chunk.get("choices"):
+                        continue
+                if b'"finish_reason"' in data:
+                    stats.finish_reasons.extend(m.decode() for m in _FINISH_REASON.findall(data))
+                yield replace_model(data, encoded_name)
+        except httpx2.TimeoutException:
+            raise upstream_timeout(f"The provider for model '{self.name}' stopped sending mid-stream.") from None
+        except (httpx2.HTTPError, ValueError) as exc:
+            raise upstream_unavailable(
+                f"The stream from the provider for model '{self.name}' broke: {type(exc).__name__}."
+            ) from None
+        finally:
+            await response.aclose()
+        if not finished and not stats.finish_reasons:
+            raise upstream_unavailable(f"The stream from the provider for model '{self.name}' ended early.")
+
+    async def _send(self, path: str, payload: bytes, stats: CallStats, *, stream: bool) -> httpx2.Response:
+        if self._client is None:
+            raise APIError(503, f"Model '{self.name}' is not ready: {self.not_ready_reason()}.",
+                           type="service_unavailable_error", code="not_ready")
+        try:
+            response = await self._client.post(
+                path, cast_to=httpx2.Response, content=payload,
+                options={"headers": _JSON_HEADERS}, stream=stream,
+            )
+        except openai.APITimeoutError:
+            raise upstream_timeout(f"The provider for model '{self.name}' did not answer in time.") from None
+        except openai.APIConnectionError as exc:
+            raise upstream_unavailable(
+                f"Cannot reach the provider for model '{self.name}': {_cause(exc)}."
+            ) from None
+        except openai.APIStatusError as exc:
+            stats.retries = _retries(exc.response)
+            raise _status_error(self.name, exc) from None
+        stats.retries = _retries(response)
+        return response
+
+
+def _loads(data: bytes) -> dict[str, Any]:
+    value = json.loads(data)
+    if not isinstance(value, dict):
+        raise ValueError("not an object")
+    return value
+
+
+def _retries(response: httpx2.Response) -> int:
+    try:
+        return int(response.request.headers.get(_RETRY_HEADER, 0))
+    except ValueError:
+        return 0
+
+
+def _cause(exc: BaseException) -> str:
+    cause = exc.__cause__ or exc.__context__
+    return type(cause).__name__ if cause is not None else "connection error"
+
+
+def _error_from_body(data: Any, status: int) -> APIError:
+    """An error event or body from the provider, kept in OpenAI's shape."""
+    error = data.get("error") if isinstance(data, dict) else None
+    if not isinstance(error, dict):
+        return upstream_unavailable("The provider answered with an unexpected body.")
+    return APIError(
+        status if status >= 400 else 502,
+        str(error.get("message") or "The provider reported an error."),
+        type=str(error.get("type") or "upstream_error"),
+        param=error.get("param") if isinstance(error.get("param"), str) else None,
+        code=str(error["code"]) if error.get("code") is not None else None,
+    )
+
+
+def _status_error(name: str, exc: openai.APIStatusError) -> APIError:
+    status = exc.status_code
+    body = exc.body if isinstance(exc.body, dict) else {}
+    # openai's client unwraps {"error": {...}} into .body already.
+    detail = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
+    message = str(detail.get("message") or f"The provider answered HTTP {status}.")
+    if status == 429:
+        headers = {"Retry-After": exc.response.headers["retry-after"]} if "retry-after" in exc.response.headers \
+            else {}
+        return APIError(429, message, type=str(detail.get("type") or "rate_limit_error"),
+                        code=str(detail.get("code") or "rate_limit_exceeded"), headers=headers)
+    if status in _CLIENT_STATUSES:
+        param = detail.get("param")
+        return APIError(status, message, type=str(detail.get("type") or "invalid_request_error"),
+                        param=param if isinstance(param, str) else None,
+                        code=str(detail["code"]) if detail.get("code") is not None else None)
+    if status in (401, 403):
+        # The gateway's own credentials were refused: not the client's fault, and the provider's
+        # message may quote part of the key.
+        return upstream_unavailable(f"The provider for model '{name}' rejected the gateway's credentials "
+                                    f"(HTTP {status}).")
+    if status in (408, 504):
+        return upstream_timeout(f"The provider for model '{name}' timed out (HTTP {status}).")
+    return upstream_unavailable(f"The provider for model '{name}' failed with HTTP {status}: {message}")

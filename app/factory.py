@@ -1,0 +1,120 @@
+"""``create_app(settings)``: assembles routes, auth, errors, docs and backends into one Quart app."""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+
+from quart import Quart, Response, g, request
+from quart_schema import Info, QuartSchema
+from werkzeug.exceptions import HTTPException
+
+from app import __version__
+from app.auth import KeyChecker
+from app.backends.registry import Registry
+from app.errors import APIError, from_http_status, internal_error
+from app.exchange import Exchange
+from app.logs import request_id
+from app.routes import custom, health, openai
+from app.settings import Settings
+from app.state import AppState, install_state
+
+log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
+_CORS_HEADERS = "Authorization, Content-Type, X-Request-ID, OpenAI-Organization, OpenAI-Project"
+
+
+def create_app(settings: Settings) -> Quart:
+    app = Quart("helios-serve")
+    app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
+    # Generation can legitimately take minutes; Quart's 60 s response cut-off would truncate it.
+    app.config["RESPONSE_TIMEOUT"] = None
+    QuartSchema(
+        app,
+        info=Info(title="Helios Serve", version=__version__,
+                  description="OpenAI-compatible API for remote and embedded models."),
+        scalar_ui_path=None,
+    )
+    registry = Registry(settings.models)
+    install_state(app.extensions, AppState(
+        settings=settings, registry=registry, models_body=openai.models_body(registry.served_names(),
+                                                                            registry.created),
+    ))
+    app.register_blueprint(openai.blueprint)
+    app.register_blueprint(health.blueprint)
+    custom.register_custom_endpoints(app, settings.endpoints)
+    _install_hooks(app, settings)
+    _install_error_handlers(app)
+
+    @app.before_serving
+    async def open_backends() -> None:
+        await registry.start()
+
+    @app.after_serving
+    async def close_backends() -> None:
+        await registry.close()
+
+    return app
+
+
+def _install_hooks(app: Quart, settings: Settings) -> None:
+    keys = KeyChecker(settings.auth.api_keys)
+    origins = frozenset(settings.server.cors_allow_origins)
+
+    @app.before_request
+    async def begin() -> Response | None:
+        rid = request.headers.get("X-Request-ID", "")
+        rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
+        request_id.set(rid)
+        g.request_id = rid
+        g.exchange = Exchange(request.method, request.path)
+        if origins and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            return Response(status=204, headers={
+                "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
+                "Access-Control-Allow-Headers": _CORS_HEADERS,
+                "Access-Control-Max-Age": "600",
+            })
+        if keys.enabled and request.path.startswith("/v1/"):
+            keys.check(request.headers.get("Authorization"))
+        return None
+
+    @app.after_request
+    async def end(response: Response) -> Response:
+        response.headers["X-Request-ID"] = g.get("request_id") or ""
+        origin = request.headers.get("Origin")
+        if origin and ("*" in origins or origin in origins):
+            response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+            response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After"
+            if "*" not in origins:
+                response.vary.add("Origin")
+        exchange: Exchange | None = g.get("exchange")
+        if exchange is not None and not exchange.stream:
+            exchange.finish(response.status_code)
+        return response
+
+
+def _error_response(error: APIError) -> Response:
+    return Response(error.to_json(), status=error.status, content_type="application/json",
+                    headers=error.headers)
+
+
+def _install_error_handlers(app: Quart) -> None:
+    @app.errorhandler(APIError)
+    async def api_error(error: APIError) -> Response:
+        return _error_response(error)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(error: HTTPException) -> Response:
+        api = from_http_status(error.code or 500, error.description or "")
+        response = _error_response(api)
+        for name, value in error.get_headers():
+            if name.lower() == "allow":
+                response.headers["Allow"] = value
+        return response
+
+    @app.errorhandler(Exception)
+    async def unexpected(error: Exception) -> Response:
+        log.error("unhandled error", exc_info=error)
+        return _error_response(internal_error())

@@ -1,0 +1,1 @@
+"""HTTP routes: the OpenAI API, health and readiness, and TOML-declared endpoints."""

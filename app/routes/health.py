@@ -1,0 +1,35 @@
+"""Liveness and readiness probes (open even when API keys are required)."""
+
+from __future__ import annotations
+
+import json
+
+from quart import Blueprint, Response
+from quart_schema import hide
+
+from app.errors import not_ready
+from app.state import app_state
+
+blueprint = Blueprint("health", __name__)
+
+
+@blueprint.get("/health")
+@hide
+async def health() -> Response:
+    """Liveness: the process is up and serving HTTP."""
+    return Response(b'{"status":"ok"}', content_type="application/json")
+
+
+@blueprint.get("/ready")
+@hide
+async def ready() -> Response:
+    """Readiness: 200 only when every configured backend can serve."""
+    readiness = app_state().registry.readiness()
+    waiting = {name: reason for name, reason in readiness.items() if reason is not None}
+    models = {name: reason or "ready" for name, reason in readiness.items()}
+    if waiting:
+        detail = "; ".join(f"{name}: {reason}" for name, reason in waiting.items())
+        error = not_ready(f"Not ready: {detail}.")
+        error.extra["models"] = models
+        raise error
+    return Response(json.dumps({"status": "ready", "models": models}), content_type="application/json")

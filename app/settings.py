@@ -1,0 +1,298 @@
+"""The appliance's configuration: one pydantic-settings model fed by env, secrets files and TOML.
+
+Sources, highest priority first: constructor arguments, environment (``HELIOS_`` prefix, ``__`` for
+nesting), files in the secrets directory (``HELIOS_SECRETS_DIR``, default ``/run/secrets``), the TOML
+file (``HELIOS_CONFIG``, default ``config/config.toml``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import (
+    BaseSettings,
+    NestedSecretsSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+ENV_PREFIX = "HELIOS_"
+CONFIG_ENV = "HELIOS_CONFIG"
+SECRETS_DIR_ENV = "HELIOS_SECRETS_DIR"
+DEFAULT_CONFIG_PATH = "config/config.toml"
+DEFAULT_SECRETS_DIR = "/run/secrets"
+HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
+BACKENDS = ("openai",)
+
+
+class ConfigError(Exception):
+    """A configuration mistake, described in one line that names the setting and its source."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are mistakes (a typo would otherwise silently fall back to a default).
+    model_config = ConfigDict(extra="forbid")
+
+
+class ServerSettings(_Section):
+    host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 inside containers.")
+    port: int = Field(8000, ge=1, le=65535)
+    workers: int = Field(1, ge=1, le=64, description="Hypercorn worker processes.")
+    keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    graceful_timeout: float = Field(
+        30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM."
+    )
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest accepted request body.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+    cors_allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed by CORS; empty turns CORS off; '*' allows any."
+    )
+
+
+class AuthSettings(_Section):
+    api_keys: list[SecretStr] = Field(
+        default_factory=list, description="Keys accepted as 'Authorization: Bearer <key>' on /v1/*."
+    )
+
+
+class _ModelBase(_Section):
+    name: str = Field(min_length=1, description="The model name clients send.")
+    aliases: list[str] = Field(default_factory=list, description="Other names clients may send.")
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.name, *self.aliases]
+
+
+class OpenAIModelSettings(_ModelBase):
+    """A model served by an OpenAI-compatible provider through the official ``openai`` client."""
+
+    backend: Literal["openai"]
+    base_url: str = "https://api.openai.com/v1"
+    base_url_env: str | None = Field(
+        None, description="Name of an env var holding the base URL; overrides base_url when set."
+    )
+    api_key: SecretStr | None = None
+    api_key_env: str | None = Field(None, description="Name of an env var holding the API key.")
+    api_key_file: Path | None = Field(None, description="File holding the API key (e.g. a mounted secret).")
+    upstream_model: str | None = Field(None, description="The provider's name for the model; default: name.")
+    timeout: float = Field(600.0, gt=0, description="Seconds for a whole upstream call.")
+    connect_timeout: float = Field(10.0, gt=0)
+    max_retries: int = Field(2, ge=0, le=10)
+    extra_headers: dict[str, str] = Field(default_factory=dict)
+
+    # Resolved at load time from api_key / api_key_env / api_key_file and base_url_env.
+    _resolved_key: SecretStr | None = PrivateAttr(None)
+    _resolved_base_url: str = PrivateAttr("")
+
+    @model_validator(mode="after")
+    def _resolve(self) -> OpenAIModelSettings:
+        given = [k for k in ("api_key", "api_key_env", "api_key_file") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"set only one of api_key, api_key_env, api_key_file (got {', '.join(given)})")
+        if self.api_key_file is not None:
+            try:
+                text = self.api_key_file.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                raise ValueError(f"cannot read api_key_file {str(self.api_key_file)!r}: {exc.strerror}") from None
+            self._resolved_key = SecretStr(text)
+        elif self.api_key_env is not None:
+            value = os.environ.get(self.api_key_env, "").strip()
+            self._resolved_key = SecretStr(value) if value else None
+        else:
+            self._resolved_key = self.api_key
+        base = os.environ.get(self.base_url_env, "").strip() if self.base_url_env else ""
+        self._resolved_base_url = base or self.base_url
+        return self
+
+    @property
+    def resolved_api_key(self) -> SecretStr | None:
+        return self._resolved_key
+
+    @property
+    def resolved_base_url(self) -> str:
+        return self._resolved_base_url
+
+    @property
+    def upstream_name(self) -> str:
+        return self.upstream_model or self.name
+
+    def missing_key_reason(self) -> str | None:
+        """Why the model cannot serve for lack of a key, or None when it has one (or needs none)."""
+        if self.api_key_env is not None and self._resolved_key is None:
+            return f"no API key: environment variable {self.api_key_env} is not set"
+        return None
+
+
+ModelSettings = Annotated[OpenAIModelSettings, Field(discriminator="backend")]
+
+
+class EndpointSettings(_Section):
+    """A static endpoint declared in TOML: a fixed JSON answer on a fixed path."""
+
+    method: Literal["GET", "POST", "PUT", "DELETE", "PATCH"] = "GET"
+    path: str = Field(pattern=r"^/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*$")
+    status: int = Field(200, ge=100, le=599)
+    response: JsonValue = None
+    headers: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.upper() in HTTP_METHODS:
+            return value.upper()
+        return value
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter="__",
+        secrets_nested_delimiter="__",
+        secrets_dir_missing="ok",
+        extra="forbid",
+        case_sensitive=False,
+    )
+
+    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    models: list[ModelSettings] = Field(default_factory=list)
+    endpoints: list[EndpointSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> Settings:
+        seen: dict[str, str] = {}
+        for index, model in enumerate(self.models):
+            for served in model.served_names:
+                if served in seen:
+                    raise ValueError(
+                        f"models[{index}]: model name {served!r} is already used by {seen[served]}"
+                    )
+                seen[served] = f"models[{index}] ({model.name})"
+        routes: set[tuple[str, str]] = set()
+        for index, endpoint in enumerate(self.endpoints):
+            key = (endpoint.method, endpoint.path)
+            if key in routes:
+                raise ValueError(f"endpoints[{index}]: {endpoint.method} {endpoint.path} is declared twice")
+            routes.add(key)
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (
+            init_settings,
+            env_settings,
+            NestedSecretsSettingsSource(file_secret_settings, secrets_dir=secrets_dir()),
+            TomlConfigSettingsSource(settings_cls, toml_file=config_path()),
+        )
+
+
+def config_path() -> Path:
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def secrets_dir() -> Path:
+    return Path(os.environ.get(SECRETS_DIR_ENV) or DEFAULT_SECRETS_DIR)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build the settings, turning any mistake into a one-line :class:`ConfigError`."""
+    path = config_path()
+    if os.environ.get(CONFIG_ENV) and not path.is_file():
+        raise ConfigError(f"{CONFIG_ENV}: config file {str(path)!r} does not exist (source: environment)")
+    try:
+        toml_data = tomllib.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, toml_data, path, overrides)) from None
+    except SettingsError as exc:
+        raise ConfigError(_one_line(str(exc))) from None
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _dotted(loc: Iterable[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _describe_validation_error(
+    exc: ValidationError, toml_data: dict[str, Any], path: Path, overrides: dict[str, Any]
+) -> str:
+    error = exc.errors(include_url=False)[0]
+    # Tagged unions put the tag in the location ("models.0.openai.name"); users never wrote it.
+    loc = [p for p in error["loc"] if not (isinstance(p, str) and p in BACKENDS)]
+    setting = _dotted(loc) or "settings"
+    message = error["msg"]
+    if error["type"] == "union_tag_invalid":
+        message = f"unknown backend {error['input'].get('backend')!r}; expected one of: {', '.join(BACKENDS)}"
+    elif error["type"] == "extra_forbidden":
+        message = "unknown setting"
+    elif error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+    if error["type"] not in ("extra_forbidden", "missing") and "input" in error and not _is_secret(loc):
+        shown = repr(error["input"])
+        if len(shown) <= 60 and not isinstance(error["input"], dict | list):
+            message += f" (got {shown})"
+    return _one_line(f"{setting}: {message} (source: {_source_of(loc, toml_data, path, overrides)})")
+
+
+def _is_secret(loc: list[int | str]) -> bool:
+    return any(isinstance(p, str) and ("key" in p or "secret" in p) for p in loc)
+
+
+def _source_of(loc: list[int | str], toml_data: dict[str, Any], path: Path, overrides: dict[str, Any]) -> str:
+    """Best effort at naming which source supplied the value at ``loc``, mirroring source priority."""
+    if not loc:
+        return "settings"
+    top = str(loc[0])
+    if top in overrides:
+        return "arguments"
+    names = [p for p in loc if isinstance(p, str)]
+    environ = {k.upper(): k for k in os.environ}
+    for depth in range(len(names), 0, -1):
+        candidate = ENV_PREFIX + "__".join(names[:depth]).upper()
+        if candidate in environ:
+            return f"environment variable {environ[candidate]}"
+    sdir = secrets_dir()
+    if sdir.is_dir():
+        files = {f.name.upper(): f for f in sdir.iterdir()}
+        for depth in range(len(names), 0, -1):
+            candidate = ENV_PREFIX + "__".join(names[:depth]).upper()
+            if candidate in files:
+                return f"secrets file {files[candidate]}"
+    if top in toml_data:
+        return f"config file {path}"
+    return "default"

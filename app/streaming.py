@@ -1,0 +1,97 @@
+"""Server-sent events: reading a provider's stream and framing ours.
+
+Our stream is ``data: <json>\\n\\n`` per chunk and ``data: [DONE]\\n\\n`` last. A failure after the first
+byte cannot change the status any more, so it is sent as an OpenAI-shaped ``error`` event and the stream
+ends without ``[DONE]``: a client must never mistake a broken answer for a finished one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from quart import Response
+
+from app.backends.base import ChunkStream
+from app.errors import APIError, internal_error
+
+log = logging.getLogger(__name__)
+
+_PREFIX = b"data: "
+_SUFFIX = b"\n\n"
+DONE = b"[DONE]"
+_DONE_EVENT = b"data: [DONE]\n\n"
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    # Tell nginx-style proxies not to buffer, or tokens arrive in bursts.
+    "X-Accel-Buffering": "no",
+}
+
+#: called once when a stream ends, with the error it ended on (if any) and whether the client left first
+StreamEnd = Callable[[APIError | None, bool], None]
+
+
+def _event(payload: bytes) -> bytes:
+    return b"".join((_PREFIX, payload, _SUFFIX))
+
+
+async def _frame(chunks: ChunkStream, on_end: StreamEnd) -> AsyncIterator[bytes]:
+    error: APIError | None = None
+    completed = False
+    try:
+        async for payload in chunks:
+            yield _event(payload)
+        yield _DONE_EVENT
+        completed = True
+    except APIError as exc:
+        error = exc
+        yield _event(exc.to_json())
+    except Exception:
+        log.exception("stream failed")
+        error = internal_error()
+        yield _event(error.to_json())
+    finally:
+        # Closing the backend's iterator is what releases the upstream request when the client leaves.
+        aclose = getattr(chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        on_end(error, not completed and error is None)
+
+
+def sse_response(chunks: ChunkStream, on_end: StreamEnd, headers: dict[str, str] | None = None) -> Response:
+    response = Response(_frame(chunks, on_end), status=200, headers={**SSE_HEADERS, **(headers or {})})
+    # Quart cuts responses after RESPONSE_TIMEOUT by default; a long generation is not a hung one.
+    response.timeout = None
+    return response
+
+
+async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The ``data`` payload of each event of an SSE byte stream, in order."""
+    buffer = b""
+    async for chunk in chunks:
+        buffer = buffer + chunk if buffer else chunk
+        if b"\r" in buffer:
+            buffer = buffer.replace(b"\r\n", b"\n")
+        if b"\n\n" not in buffer:
+            continue
+        *events, buffer = buffer.split(b"\n\n")
+        for event in events:
+            data = _event_data(event)
+            if data is not None:
+                yield data
+    if buffer.strip():
+        data = _event_data(buffer.strip(b"\n"))
+        if data is not None:
+            yield data
+
+
+def _event_data(event: bytes) -> bytes | None:
+    if event.startswith(_PREFIX) and b"\n" not in event:
+        return event[6:]
+    lines = [
+        line[6:] if line.startswith(_PREFIX) else line[5:]
+        for line in event.split(b"\n")
+        if line.startswith(b"data:")
+    ]
+    return b"\n".join(lines) if lines else None

@@ -1,0 +1,956 @@
+"""A real loopback HTTP server imitating an OpenAI-compatible provider.
+
+Behaviour is picked by the request's ``model`` field:
+
+* any ordinary name: deterministic answer ``"echo: <last user text>"``
+* ``chunks-N``: the answer is N words (``w1 w2 ... wN``), one stream chunk per word
+* ``error-NNN``: HTTP NNN with an OpenAI error body (429 adds ``Retry-After: 7``)
+* ``garbage``: 200, ``application/json`` content type, body ``<<<not json``
+* ``slow-N``: sleep N seconds (float allowed) before answering
+* ``midstream-fail``: a few chunks (or half a JSON body), then the TCP connection is aborted
+* ``slow-chunks-MS``: a 1000-word stream with MS milliseconds between chunks
+
+Served ``model`` fields are the requested name plus :data:`MODEL_SUFFIX`, so tests can
+prove a gateway rewrites them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import json
+import re
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal
+
+from aiohttp import web
+
+__all__ = [
+    "DEFAULT_DIMENSIONS",
+    "FAKE_MODELS",
+    "MODEL_SUFFIX",
+    "SLOW_CHUNKS_LENGTH",
+    "Behaviour",
+    "FakeProvider",
+    "RecordedRequest",
+    "StreamRecord",
+    "answer_words",
+    "chat_chunks",
+    "chat_completion",
+    "completion",
+    "completion_chunks",
+    "embedding_vector",
+    "embeddings",
+    "error_body",
+    "parse_behaviour",
+    "served_model",
+]
+
+MODEL_SUFFIX = "-2024-08-06"
+SYSTEM_FINGERPRINT = "fp_fake0001"
+DEFAULT_DIMENSIONS = 8
+SLOW_CHUNKS_LENGTH = 1000
+MIDSTREAM_FAIL_CHUNKS = 3
+RETRY_AFTER_SECONDS = 7
+TOOL_ARGUMENTS = '{"city":"Paris"}'
+# Split the way OpenAI streams arguments: several small fragments of the JSON text.
+TOOL_ARGUMENT_FRAGMENTS = ('{"', "city", '":"', "Paris", '"}')
+FAKE_MODELS = ("gpt-4o", "gpt-4o-mini", "text-embedding-3-small")
+
+Json = dict[str, Any]
+BehaviourKind = Literal["normal", "error", "garbage", "midstream_fail"]
+StreamOutcome = Literal["completed", "disconnected", "aborted"]
+
+_ERROR_BODIES: dict[int, tuple[str, str, str | None, str | None]] = {
+    400: (
+        "Invalid 'messages': empty array. Expected an array with minimum length 1, "
+        "but got an empty array instead.",
+        "invalid_request_error",
+        "messages",
+        "empty_array",
+    ),
+    401: (
+        "Incorrect API key provided: sk-fake***. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.",
+        "invalid_request_error",
+        None,
+        "invalid_api_key",
+    ),
+    404: (
+        "The model does not exist or you do not have access to it.",
+        "invalid_request_error",
+        None,
+        "model_not_found",
+    ),
+    429: (
+        "Rate limit reached for requests. Please try again in 7s.",
+        "requests",
+        None,
+        "rate_limit_exceeded",
+    ),
+    500: (
+        "The server had an error while processing your request. Sorry about that!",
+        "server_error",
+        None,
+        None,
+    ),
+    503: ("The engine is currently overloaded, please try again later.", "server_error", None, None),
+}
+
+
+@dataclass(frozen=True)
+class Behaviour:
+    """What the provider does for one model name."""
+
+    kind: BehaviourKind = "normal"
+    status: int = 200
+    delay: float = 0.0
+    chunk_delay: float = 0.0
+    words: int | None = None
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One request as the provider received it (header names lower-cased)."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    headers: dict[str, str]
+    body: Any
+    raw: bytes
+    received_at: float
+
+    @property
+    def model(self) -> str | None:
+        """The ``model`` field of a JSON object body, if any."""
+        if isinstance(self.body, dict):
+            model = self.body.get("model")
+            return model if isinstance(model, str) else None
+        return None
+
+
+@dataclass
+class StreamRecord:
+    """Lifecycle of one streamed response."""
+
+    path: str
+    model: str
+    chunks_sent: int = 0
+    outcome: StreamOutcome | None = None  # None while still streaming
+    error: str | None = None
+
+
+def parse_behaviour(model: str) -> Behaviour:
+    """Map a model name to a behaviour (see the module docstring)."""
+    if model == "garbage":
+        return Behaviour(kind="garbage")
+    if model == "midstream-fail":
+        return Behaviour(kind="midstream_fail")
+    if match := re.fullmatch(r"error-(\d{3})", model):
+        return Behaviour(kind="error", status=int(match[1]))
+    if match := re.fullmatch(r"slow-chunks-(\d+(?:\.\d+)?)", model):
+        return Behaviour(chunk_delay=float(match[1]) / 1000, words=SLOW_CHUNKS_LENGTH)
+    if match := re.fullmatch(r"slow-(\d+(?:\.\d+)?)", model):
+        return Behaviour(delay=float(match[1]))
+    if match := re.fullmatch(r"chunks-(\d+)", model):
+        return Behaviour(words=int(match[1]))
+    return Behaviour()
+
+
+def served_model(model: str) -> str:
+    """The model name the provider reports back (dated, like OpenAI does)."""
+    return model + MODEL_SUFFIX
+
+
+def error_body(status: int) -> Json:
+    """OpenAI-shaped error body for an HTTP status."""
+    default_type = "server_error" if status >= 500 else "invalid_request_error"
+    message, type_, param, code = _ERROR_BODIES.get(
+        status, (f"Fake provider error {status}", default_type, None, None)
+    )
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _words(text: str) -> int:
+    return len(text.split())
+
+
+def _text_of(content: Any) -> str:
+    """Text of a message content: a string or a list of content parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _last_user_text(body: Json) -> str:
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        for message in reversed(messages):
+            if isinstance(message, dict) and message.get("role") == "user":
+                return _text_of(message.get("content"))
+    return ""
+
+
+def _prompt_tokens(body: Json) -> int:
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        return 0
+    return sum(_words(_text_of(m.get("content"))) for m in messages if isinstance(m, dict))
+
+
+def _positive_int(value: Any, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else default
+
+
+def answer_words(base: str, behaviour: Behaviour, index: int = 0) -> list[str]:
+    """Words of the answer for choice ``index`` (choices > 0 get a ``(i)`` marker to tell them apart)."""
+    if behaviour.words is not None:
+        words = [f"w{i}" for i in range(1, behaviour.words + 1)]
+    else:
+        words = base.split() or ["echo:"]
+    return words if index == 0 else [*words, f"({index})"]
+
+
+def _limit(words: list[str], body: Json) -> tuple[list[str], str]:
+    """Apply max_tokens / max_completion_tokens (one word = one token)."""
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if isinstance(limit, int) and not isinstance(limit, bool) and 0 < limit < len(words):
+        return words[:limit], "length"
+    return words, "stop"
+
+
+def _pieces(words: list[str]) -> list[str]:
+    """Stream fragments whose concatenation is the space-joined answer."""
+    return [word if i == 0 else " " + word for i, word in enumerate(words)]
+
+
+def _logprob(position: int) -> float:
+    return -round(0.01 + 0.1 * (position % 7), 4)
+
+
+def _token_logprob(token: str, position: int, top: int) -> Json:
+    lp = _logprob(position)
+    alternatives = [{"token": token, "logprob": lp, "bytes": list(token.encode())}]
+    alternatives += [
+        {"token": f"alt{j}", "logprob": round(lp - j, 4), "bytes": list(f"alt{j}".encode())}
+        for j in range(1, top)
+    ]
+    return {"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": alternatives[:top]}
+
+
+def _chat_tool(body: Json) -> str | None:
+    """Name of the function the fake model calls, or None to answer in text."""
+    tools = body.get("tools")
+    if not isinstance(tools, list) or not tools or body.get("tool_choice") == "none":
+        return None
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        name = choice["function"].get("name")
+        if isinstance(name, str):
+            return name
+    first = tools[0]
+    function = first.get("function") if isinstance(first, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    return name if isinstance(name, str) else "tool"
+
+
+def _chat_usage(prompt_tokens: int, completion_tokens: int) -> Json:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def _tool_call_id(index: int) -> str:
+    return f"call_fake{index:04d}"
+
+
+@dataclass
+class _ChatPlan:
+    """Everything a chat answer needs, computed once from the request."""
+
+    model: str
+    n: int
+    tool: str | None
+    logprobs: bool
+    top_logprobs: int
+    answers: list[tuple[list[str], str]] = field(default_factory=list)
+
+    @property
+    def completion_tokens(self) -> int:
+        if self.tool is not None:
+            return len(TOOL_ARGUMENT_FRAGMENTS) * self.n
+        return sum(len(words) for words, _ in self.answers)
+
+
+def _chat_plan(body: Json, behaviour: Behaviour) -> _ChatPlan:
+    base = "echo: " + _last_user_text(body)
+    plan = _ChatPlan(
+        model=served_model(str(body.get("model", ""))),
+        n=_positive_int(body.get("n"), 1),
+        tool=_chat_tool(body),
+        logprobs=body.get("logprobs") is True,
+        top_logprobs=_positive_int(body.get("top_logprobs"), 0),
+    )
+    plan.answers = [_limit(answer_words(base, behaviour, i), body) for i in range(plan.n)]
+    return plan
+
+
+def chat_completion(body: Json, behaviour: Behaviour, completion_id: str, created: int) -> Json:
+    """A full ``chat.completion`` object for a request body."""
+    plan = _chat_plan(body, behaviour)
+    choices: list[Json] = []
+    for index, (words, text_finish) in enumerate(plan.answers):
+        message: Json
+        finish = text_finish
+        if plan.tool is not None:
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {
+                        "id": _tool_call_id(index),
+                        "type": "function",
+                        "function": {"name": plan.tool, "arguments": TOOL_ARGUMENTS},
+                    }
+                ],
+                "refusal": None,
+                "annotations": [],
+            }
+            finish = "tool_calls"
+        else:
+            message = {"role": "assistant", "content": " ".join(words), "refusal": None, "annotations": []}
+        logprobs: Json | None = None
+        if plan.logprobs and plan.tool is None:
+            content = [_token_logprob(p, i, plan.top_logprobs) for i, p in enumerate(_pieces(words))]
+            logprobs = {"content": content, "refusal": None}
+        choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": plan.model,
+        "choices": choices,
+        "usage": _chat_usage(_prompt_tokens(body), plan.completion_tokens),
+        "service_tier": "default",
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
+
+
+def chat_chunks(body: Json, behaviour: Behaviour, completion_id: str, created: int) -> Iterator[Json]:
+    """The ``chat.completion.chunk`` objects of a streamed answer, in order."""
+    plan = _chat_plan(body, behaviour)
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+    def chunk(choices: list[Json], usage: Json | None = None) -> Json:
+        out: Json = {
+            "id": completion_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": plan.model,
+            "service_tier": "default",
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+        }
+        if include_usage:
+            out["usage"] = usage  # OpenAI sends an explicit null on every chunk but the last
+        return out
+
+    def choice(index: int, delta: Json, logprobs: Json | None = None, finish: str | None = None) -> Json:
+        return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+
+    for index in range(plan.n):
+        delta: Json = {"role": "assistant", "content": "", "refusal": None}
+        if plan.tool is not None:
+            delta["content"] = None
+            delta["tool_calls"] = [
+                {
+                    "index": 0,
+                    "id": _tool_call_id(index),
+                    "type": "function",
+                    "function": {"name": plan.tool, "arguments": ""},
+                }
+            ]
+        yield chunk([choice(index, delta)])
+
+    if plan.tool is not None:
+        streams = [list(TOOL_ARGUMENT_FRAGMENTS) for _ in range(plan.n)]
+    else:
+        streams = [_pieces(words) for words, _ in plan.answers]
+    # OpenAI interleaves the choices of an n>1 stream, one choice per chunk.
+    for position, row in enumerate(itertools.zip_longest(*streams)):
+        for index, piece in enumerate(row):
+            if piece is None:
+                continue
+            if plan.tool is not None:
+                yield chunk([choice(index, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})])
+            else:
+                logprobs = None
+                if plan.logprobs:
+                    logprobs = {
+                        "content": [_token_logprob(piece, position, plan.top_logprobs)],
+                        "refusal": None,
+                    }
+                yield chunk([choice(index, {"content": piece}, logprobs)])
+
+    for index, (_, finish) in enumerate(plan.answers):
+        yield chunk([choice(index, {}, None, "tool_calls" if plan.tool is not None else finish)])
+
+    if include_usage:
+        yield chunk([], _chat_usage(_prompt_tokens(body), plan.completion_tokens))
+
+
+def _prompts(body: Json) -> list[str]:
+    """Completion prompts as texts (token arrays become ``tokens:N``)."""
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        return [f"tokens:{len(prompt)}"]
+    if isinstance(prompt, list):
+        return [p if isinstance(p, str) else f"tokens:{len(p) if isinstance(p, list) else 0}" for p in prompt]
+    return [""]
+
+
+def _completion_prompt_tokens(body: Json) -> int:
+    prompt = body.get("prompt", "")
+    if isinstance(prompt, str):
+        return _words(prompt)
+    if isinstance(prompt, list):
+        return sum(_words(p) if isinstance(p, str) else len(p) if isinstance(p, list) else 1 for p in prompt)
+    return 0
+
+
+def _completion_answers(body: Json, behaviour: Behaviour) -> list[tuple[list[str], str]]:
+    """One answer per (prompt, sample); choice index = prompt_index * n + sample."""
+    n = _positive_int(body.get("n"), 1)
+    answers = []
+    for prompt in _prompts(body):
+        for sample in range(n):
+            answers.append(_limit(answer_words("echo: " + prompt, behaviour, sample), body))
+    return answers
+
+
+def _completion_logprobs(pieces: list[str], top: int, offset: int = 0) -> Json:
+    text_offset, position = [], offset
+    for piece in pieces:
+        text_offset.append(position)
+        position += len(piece)
+    return {
+        "tokens": pieces,
+        "token_logprobs": [_logprob(offset + i) for i in range(len(pieces))],
+        "top_logprobs": [
+            {
+                piece: _logprob(offset + i),
+                **{f"alt{j}": round(_logprob(offset + i) - j, 4) for j in range(1, top)},
+            }
+            for i, piece in enumerate(pieces)
+        ],
+        "text_offset": text_offset,
+    }
+
+
+def _completion_usage(body: Json, answers: list[tuple[list[str], str]]) -> Json:
+    prompt_tokens = _completion_prompt_tokens(body)
+    completion_tokens = sum(len(words) for words, _ in answers)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _completion_top(body: Json) -> int | None:
+    value = body.get("logprobs")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def completion(body: Json, behaviour: Behaviour, completion_id: str, created: int) -> Json:
+    """A full ``text_completion`` object for a request body."""
+    answers = _completion_answers(body, behaviour)
+    top = _completion_top(body)
+    choices = []
+    for index, (words, finish) in enumerate(answers):
+        pieces = _pieces(words)
+        logprobs = _completion_logprobs(pieces, top) if top is not None else None
+        choices.append(
+            {"text": "".join(pieces), "index": index, "logprobs": logprobs, "finish_reason": finish}
+        )
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": served_model(str(body.get("model", ""))),
+        "system_fingerprint": SYSTEM_FINGERPRINT,
+        "choices": choices,
+        "usage": _completion_usage(body, answers),
+    }
+
+
+def completion_chunks(body: Json, behaviour: Behaviour, completion_id: str, created: int) -> Iterator[Json]:
+    """The ``text_completion`` chunks of a streamed completion, in order."""
+    answers = _completion_answers(body, behaviour)
+    top = _completion_top(body)
+    options = body.get("stream_options")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    model = served_model(str(body.get("model", "")))
+
+    def chunk(choices: list[Json], usage: Json | None = None) -> Json:
+        out: Json = {
+            "id": completion_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+        }
+        if include_usage:
+            out["usage"] = usage
+        return out
+
+    streams = [_pieces(words) for words, _ in answers]
+    for position, row in enumerate(itertools.zip_longest(*streams)):
+        for index, piece in enumerate(row):
+            if piece is None:
+                continue
+            logprobs = _completion_logprobs([piece], top, position) if top is not None else None
+            yield chunk([{"text": piece, "index": index, "logprobs": logprobs, "finish_reason": None}])
+    for index, (_, finish) in enumerate(answers):
+        yield chunk([{"text": "", "index": index, "logprobs": None, "finish_reason": finish}])
+    if include_usage:
+        yield chunk([], _completion_usage(body, answers))
+
+
+def embedding_vector(text: str, dimensions: int) -> list[float]:
+    """Deterministic float32-exact vector for a text."""
+    raw = b""
+    counter = 0
+    while len(raw) < dimensions * 4:
+        raw += hashlib.sha256(f"{counter}:{text}".encode()).digest()
+        counter += 1
+    values = [(b - 127.5) / 127.5 for b in raw[:dimensions]]
+    # Round-trip through float32 so the float and base64 encodings carry identical numbers.
+    packed = struct.pack(f"<{dimensions}f", *values)
+    return list(struct.unpack(f"<{dimensions}f", packed))
+
+
+def _embedding_inputs(body: Json) -> list[tuple[str, int]]:
+    """(text key, token count) for each input."""
+    value = body.get("input")
+    if isinstance(value, str):
+        return [(value, _words(value))]
+    if isinstance(value, list) and value and all(isinstance(t, int) for t in value):
+        return [(json.dumps(value), len(value))]
+    if isinstance(value, list):
+        return [
+            (v, _words(v)) if isinstance(v, str) else (json.dumps(v), len(v) if isinstance(v, list) else 1)
+            for v in value
+        ]
+    return []
+
+
+def embeddings(body: Json) -> Json:
+    """A ``list`` of embeddings for a request body."""
+    dimensions = _positive_int(body.get("dimensions"), DEFAULT_DIMENSIONS)
+    base64_format = body.get("encoding_format") == "base64"
+    data = []
+    tokens = 0
+    for index, (text, count) in enumerate(_embedding_inputs(body)):
+        tokens += count
+        vector = embedding_vector(text, dimensions)
+        encoded: list[float] | str = vector
+        if base64_format:
+            encoded = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode("ascii")
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    return {
+        "object": "list",
+        "data": data,
+        "model": served_model(str(body.get("model", ""))),
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+
+
+class FakeProvider:
+    """OpenAI-compatible fake on 127.0.0.1, served from a background thread."""
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None) -> None:
+        """``api_key``, when set, is required as a Bearer token (else 401)."""
+        self.host = host
+        self.port = port
+        self.api_key = api_key
+        self.disconnected = threading.Event()
+        self.stream_completed = threading.Event()
+        self._lock = threading.Lock()
+        self._requests: list[RecordedRequest] = []
+        self._streams: list[StreamRecord] = []
+        self._model_counts: Counter[str] = Counter()
+        self._ids = itertools.count(1)
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._ready = threading.Event()
+        self._startup_error: BaseException | None = None
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """``http://127.0.0.1:PORT/v1`` (valid after start)."""
+        if self._thread is None:
+            raise RuntimeError("FakeProvider is not started")
+        return f"http://{self.host}:{self.port}/v1"
+
+    def start(self, timeout: float = 10.0) -> str:
+        """Start serving; returns base_url."""
+        if self._thread is not None:
+            return self.base_url
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((self.host, self.port))
+        sock.listen(128)
+        sock.setblocking(False)
+        self.port = sock.getsockname()[1]
+        self._ready.clear()
+        self._startup_error = None
+        self._thread = threading.Thread(
+            target=self._serve, args=(sock,), name=f"fake-provider-{self.port}", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(timeout):
+            raise RuntimeError("FakeProvider did not start in time")
+        if self._startup_error is not None:
+            self._thread = None
+            raise RuntimeError("FakeProvider failed to start") from self._startup_error
+        return self.base_url
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop serving and join the thread (idempotent)."""
+        thread, loop = self._thread, self._loop
+        if thread is None or loop is None:
+            return
+        if loop.is_running():
+            loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout)
+        self._thread = None
+
+    def __enter__(self) -> FakeProvider:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _serve(self, sock: socket.socket) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        asyncio.set_event_loop(loop)
+        try:
+            try:
+                loop.run_until_complete(self._setup(sock))
+            except BaseException as exc:  # reported to start() in the caller's thread
+                self._startup_error = exc
+                sock.close()
+                return
+            finally:
+                self._ready.set()
+            loop.run_forever()
+            if self._runner is not None:
+                loop.run_until_complete(self._runner.cleanup())
+        finally:
+            # Cancel leftovers (e.g. a slow-N sleep) so the loop closes cleanly.
+            pending = asyncio.all_tasks(loop)
+            for task in pending:
+                task.cancel()
+            if pending:
+                loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            self._loop = None
+
+    async def _setup(self, sock: socket.socket) -> None:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_post("/v1/chat/completions", self._handle_chat)
+        app.router.add_post("/v1/completions", self._handle_completions)
+        app.router.add_post("/v1/embeddings", self._handle_embeddings)
+        app.router.add_get("/v1/models", self._handle_models)
+        app.router.add_get("/v1/models/{model}", self._handle_model)
+        app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
+        # Short shutdown timeout: a slow-N handler must not hold up stop().
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock, shutdown_timeout=0.5).start()
+
+    # -- recorded state (thread-safe copies) ----------------------------------------
+
+    @property
+    def requests(self) -> list[RecordedRequest]:
+        """Every request received so far, oldest first."""
+        with self._lock:
+            return list(self._requests)
+
+    @property
+    def last_request(self) -> RecordedRequest:
+        """The most recent request (AssertionError if none)."""
+        with self._lock:
+            assert self._requests, "the fake provider received no request"
+            return self._requests[-1]
+
+    def requests_for(self, model: str) -> list[RecordedRequest]:
+        """Requests whose body named ``model``."""
+        return [r for r in self.requests if r.model == model]
+
+    def request_count(self, model: str | None = None) -> int:
+        """Requests received for ``model`` (all requests when None)."""
+        with self._lock:
+            return len(self._requests) if model is None else self._model_counts[model]
+
+    @property
+    def model_counts(self) -> dict[str, int]:
+        """Requests received per model name."""
+        with self._lock:
+            return dict(self._model_counts)
+
+    @property
+    def streams(self) -> list[StreamRecord]:
+        """Snapshot of each streamed response's lifecycle."""
+        with self._lock:
+            return [StreamRecord(s.path, s.model, s.chunks_sent, s.outcome, s.error) for s in self._streams]
+
+    @property
+    def disconnects(self) -> int:
+        """Streams the client abandoned mid-way."""
+        with self._lock:
+            return sum(1 for s in self._streams if s.outcome == "disconnected")
+
+    @property
+    def completed_streams(self) -> int:
+        """Streams sent through to ``[DONE]``."""
+        with self._lock:
+            return sum(1 for s in self._streams if s.outcome == "completed")
+
+    def wait_for_requests(self, count: int, timeout: float = 5.0) -> bool:
+        """Wait until at least ``count`` requests arrived."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.request_count() >= count:
+                return True
+            time.sleep(0.01)
+        return self.request_count() >= count
+
+    def reset(self) -> None:
+        """Forget recorded requests, counters and stream events."""
+        with self._lock:
+            self._requests.clear()
+            self._streams.clear()
+            self._model_counts.clear()
+            self.disconnected.clear()
+            self.stream_completed.clear()
+
+    # -- handlers ------------------------------------------------------------------
+
+    async def _record(self, request: web.Request) -> RecordedRequest:
+        raw = await request.read()
+        body: Any = None
+        if raw:
+            try:
+                body = json.loads(raw)
+            except ValueError:
+                body = None
+        recorded = RecordedRequest(
+            method=request.method,
+            path=request.path,
+            query=dict(request.query),
+            headers={k.lower(): v for k, v in request.headers.items()},
+            body=body,
+            raw=raw,
+            received_at=time.time(),
+        )
+        with self._lock:
+            self._requests.append(recorded)
+            if recorded.model is not None:
+                self._model_counts[recorded.model] += 1
+        return recorded
+
+    def _next_id(self, prefix: str) -> str:
+        with self._lock:
+            return f"{prefix}-fake{next(self._ids):06d}"
+
+    def _headers(self) -> dict[str, str]:
+        return {"x-request-id": self._next_id("req"), "openai-processing-ms": "1"}
+
+    def _error(self, status: int, message: str | None = None, param: str | None = None) -> web.Response:
+        body = error_body(status)
+        if message is not None:
+            body["error"].update(message=message, param=param, code=None)
+        headers = self._headers()
+        if status == 429:
+            headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
+        return web.json_response(body, status=status, headers=headers)
+
+    async def _prepare(
+        self, request: web.Request
+    ) -> tuple[RecordedRequest, Json, Behaviour] | web.StreamResponse:
+        """Record the request; return its body and behaviour, or an early response."""
+        recorded = await self._record(request)
+        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+            return self._error(401)
+        body = recorded.body
+        if not isinstance(body, dict):
+            return self._error(400, "We could not parse the JSON body of your request.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return self._error(400, "you must provide a model parameter", "model")
+        behaviour = parse_behaviour(model)
+        if behaviour.delay:
+            await asyncio.sleep(behaviour.delay)
+        if behaviour.kind == "error":
+            return self._error(behaviour.status)
+        if behaviour.kind == "garbage":
+            return web.Response(
+                status=200, body=b"<<<not json", content_type="application/json", headers=self._headers()
+            )
+        return recorded, body, behaviour
+
+    async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
+        prepared = await self._prepare(request)
+        if isinstance(prepared, web.StreamResponse):
+            return prepared
+        _, body, behaviour = prepared
+        if not isinstance(body.get("messages"), list) or not body["messages"]:
+            return self._error(400)
+        completion_id, created = self._next_id("chatcmpl"), int(time.time())
+        if body.get("stream") is True:
+            chunks = chat_chunks(body, behaviour, completion_id, created)
+            return await self._stream(request, body, behaviour, chunks)
+        result = chat_completion(body, behaviour, completion_id, created)
+        return await self._json(request, result, behaviour)
+
+    async def _handle_completions(self, request: web.Request) -> web.StreamResponse:
+        prepared = await self._prepare(request)
+        if isinstance(prepared, web.StreamResponse):
+            return prepared
+        _, body, behaviour = prepared
+        completion_id, created = self._next_id("cmpl"), int(time.time())
+        if body.get("stream") is True:
+            chunks = completion_chunks(body, behaviour, completion_id, created)
+            return await self._stream(request, body, behaviour, chunks)
+        return await self._json(request, completion(body, behaviour, completion_id, created), behaviour)
+
+    async def _handle_embeddings(self, request: web.Request) -> web.StreamResponse:
+        prepared = await self._prepare(request)
+        if isinstance(prepared, web.StreamResponse):
+            return prepared
+        _, body, behaviour = prepared
+        if "input" not in body:
+            return self._error(400, "you must provide an input parameter", "input")
+        return await self._json(request, embeddings(body), behaviour)
+
+    async def _handle_models(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        data = [_model_object(name) for name in FAKE_MODELS]
+        return web.json_response({"object": "list", "data": data}, headers=self._headers())
+
+    async def _handle_model(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        name = request.match_info["model"]
+        if name not in FAKE_MODELS:
+            return self._error(404, f"The model '{name}' does not exist", "model")
+        return web.json_response(_model_object(name), headers=self._headers())
+
+    async def _handle_unknown(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        return self._error(404, f"Invalid URL ({request.method} {request.path})")
+
+    async def _json(self, request: web.Request, result: Json, behaviour: Behaviour) -> web.StreamResponse:
+        payload = json.dumps(result).encode()
+        if behaviour.kind != "midstream_fail":
+            return web.Response(body=payload, content_type="application/json", headers=self._headers())
+        # Promise the full length, send half, then drop the connection.
+        response = web.StreamResponse(headers=self._headers())
+        response.content_type = "application/json"
+        response.content_length = len(payload)
+        await response.prepare(request)
+        await response.write(payload[: len(payload) // 2])
+        await asyncio.sleep(0.05)
+        _abort(request)
+        return response
+
+    async def _stream(
+        self, request: web.Request, body: Json, behaviour: Behaviour, chunks: Iterator[Json]
+    ) -> web.StreamResponse:
+        record = StreamRecord(path=request.path, model=str(body.get("model")))
+        with self._lock:
+            self._streams.append(record)
+        response = web.StreamResponse(headers={**self._headers(), "Cache-Control": "no-cache"})
+        response.content_type = "text/event-stream"
+        response.charset = "utf-8"
+        try:
+            await response.prepare(request)
+            for chunk in chunks:
+                if behaviour.kind == "midstream_fail" and record.chunks_sent >= MIDSTREAM_FAIL_CHUNKS:
+                    # Give the kernel the chunks already written, then reset without [DONE].
+                    await asyncio.sleep(0.05)
+                    self._finish(record, "aborted")
+                    _abort(request)
+                    return response
+                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                with self._lock:
+                    record.chunks_sent += 1
+                if behaviour.chunk_delay:
+                    await asyncio.sleep(behaviour.chunk_delay)
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            # aiohttp raises ClientConnectionResetError (a ConnectionResetError) on writes
+            # after the peer left; cancellation comes from server shutdown or handler cancel.
+            self._finish(record, "disconnected", repr(exc))
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return response
+        self._finish(record, "completed")
+        return response
+
+    def _finish(self, record: StreamRecord, outcome: StreamOutcome, error: str | None = None) -> None:
+        with self._lock:
+            record.outcome = outcome
+            record.error = error
+        if outcome == "disconnected":
+            self.disconnected.set()
+        elif outcome == "completed":
+            self.stream_completed.set()
+
+
+def _model_object(name: str) -> Json:
+    return {"id": name, "object": "model", "created": 1715367049, "owned_by": "system"}
+
+
+def _abort(request: web.Request) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
