@@ -161,22 +161,16 @@ _BASE_CORPUS: Final = (
 )
 
 _WORD_LINES: Final = (
-    "m o d e l t o k e n r e q u e s t r e s p o n s e s t r e a m c h u n k s e r v e r",
-    "c l i e n t e n g i n e c a c h e m e m o r y p r o m p t c o m p l e t i o n c h a",
-    "t m e s s a g e s y s t e m u s e r a s s i s t a n t t o o l f u n c t i o n a r g",
-    "u m e n t v a l u e s t r i n g n u m b e r o b j e c t a r r a y b o o l e a n n u",
-    "l l t r u e f a l s e e r r o r s t a t u s h e a l t h r e a d y m e t r i c l a t",
-    "e n c y t h r o u g h p u t b a t c h q u e u e s c h e d u l e w o r k e r t h r e",
-    "a d p r o c e s s c o n f i g s e t t i n g o p t i o n d e f a u l t t i m e o u t",
-    "r e t r y l i m i t r a t e k e y s e c r e t h e a d e r b o d y j s o n s c h e m",
-    "a f i e l d t y p e n a m e i d i n d e x c h o i c e f i n i s h r e a s o n s t o",
-    "p l e n g t h u s a g e i n p u t o u t p u t t e x t d a t a t i m e d a t e c i t",
-    "y c o u n t r y w e a t h e r t e m p e r a t u r e s u n r a i n s n o w w i n d c",
-    "l o u d r i v e r m o u n t a i n o c e a n f o r e s t g a r d e n h o u s e r o a",
-    "d b r i d g e t o w e r r e d g r e e n b l u e y e l l o w b l a c k w h i t e s m",
-    "a l l l a r g e f a s t s l o w n e w o l d g o o d b a d f i r s t s e c o n d t h",
-    "i r d l a s t n e x t p r e v i o u s o p e n c l o s e s t a r t e n d b e g i n f",
-    "i n i s h",
+    "model token request response stream chunk server client engine cache memory",
+    "prompt completion chat message system user assistant tool function argument",
+    "value string number object array boolean null true false error status health",
+    "ready metric latency throughput batch queue schedule worker thread process",
+    "config setting option default timeout retry limit rate key secret header body",
+    "json schema field type name id index choice finish reason stop length usage",
+    "input output text data time date city country weather temperature sun rain",
+    "snow wind cloud river mountain ocean forest garden house road bridge tower",
+    "red green blue yellow black white small large fast slow new old good bad",
+    "first second third last next previous open close start end begin finish",
 )
 
 
@@ -359,11 +353,6 @@ def build_demo_model(
         logger.info("demo model already present at %s", output)
         return BuildResult(path=output, built=False)
 
-    # The builder needs no network; offline mode turns any accidental hub
-    # access into an immediate error instead of a long timeout.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -413,6 +402,11 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; prints the model directory on success."""
     args = _parse_args(argv)
+    # The builder needs no network; offline mode turns any accidental hub
+    # access into an immediate error instead of a long timeout. Only the CLI
+    # sets it, because build_demo_model() must not change a host process's env.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         result = build_demo_model(args.output, force=args.force, seed=args.seed, name=args.name)

@@ -115,11 +115,15 @@ def _user_loc(loc: Sequence[int | str]) -> list[int | str]:
 
 def from_validation_error(exc: ValidationError) -> APIError:
     """The first problem of a request body, as a 400 naming the field."""
-    error = exc.errors(include_url=False, include_context=False)[0]
+    errors = exc.errors(include_url=False, include_context=False)
+    error = errors[0]
     if error["type"] == "json_invalid":
         return invalid_request(f"The request body is not valid JSON: {error['msg']}.", code="invalid_json")
     if error["type"] == "model_type" and not error["loc"]:
         return invalid_request("The request body must be a JSON object.", code="invalid_json")
+    # A value matching no member of a union gets one error per member; the deepest one is the member the
+    # client was aiming for (a list of parts, not a string, when the value is a list).
+    error = max(errors, key=lambda e: len(_user_loc(e["loc"])))
     loc = _user_loc(error["loc"])
     param = param_path(loc) or None
     message = error["msg"].removeprefix("Value error, ")

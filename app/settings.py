@@ -55,7 +55,9 @@ class ServerSettings(_Section):
     host: str = Field("127.0.0.1", description="Address to bind; 0.0.0.0 inside containers.")
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64, description="Hypercorn worker processes.")
-    keep_alive_timeout: float = Field(5.0, gt=0, description="Seconds an idle keep-alive connection stays open.")
+    keep_alive_timeout: float = Field(
+        5.0, gt=0, description="Seconds an idle keep-alive connection stays open."
+    )
     graceful_timeout: float = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM."
     )
@@ -112,7 +114,9 @@ class OpenAIModelSettings(_ModelBase):
             try:
                 text = self.api_key_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ValueError(f"cannot read api_key_file {str(self.api_key_file)!r}: {exc.strerror}") from None
+                raise ValueError(
+                    f"cannot read api_key_file {str(self.api_key_file)!r}: {exc.strerror}"
+                ) from None
             self._resolved_key = SecretStr(text)
         elif self.api_key_env is not None:
             value = os.environ.get(self.api_key_env, "").strip()
@@ -172,7 +176,7 @@ class Settings(BaseSettings):
         case_sensitive=False,
     )
 
-    server: ServerSettings = Field(default_factory=ServerSettings)  # type: ignore[arg-type]
+    server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     models: list[ModelSettings] = Field(default_factory=list)
     endpoints: list[EndpointSettings] = Field(default_factory=list)

@@ -244,8 +244,8 @@ def _status_error(name: str, exc: openai.APIStatusError) -> APIError:
     detail = body.get("error", body) if isinstance(body.get("error", body), dict) else {}
     message = str(detail.get("message") or f"The provider answered HTTP {status}.")
     if status == 429:
-        headers = {"Retry-After": exc.response.headers["retry-after"]} if "retry-after" in exc.response.headers \
-            else {}
+        retry_after = exc.response.headers.get("retry-after")
+        headers = {"Retry-After": retry_after} if retry_after else {}
         return APIError(429, message, type=str(detail.get("type") or "rate_limit_error"),
                         code=str(detail.get("code") or "rate_limit_exceeded"), headers=headers)
     if status in _CLIENT_STATUSES:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 
 from quart import Quart, Response
 from werkzeug.exceptions import MethodNotAllowed, NotFound
@@ -31,10 +32,11 @@ def register_custom_endpoints(app: Quart, endpoints: list[EndpointSettings]) -> 
 
 
 def _collision(index: int, endpoint: EndpointSettings) -> str:
-    return f"endpoints[{index}].path: {endpoint.path!r} collides with a built-in route (source: configuration)"
+    return (f"endpoints[{index}].path: {endpoint.path!r} collides with a built-in route "
+            "(source: configuration)")
 
 
-def _responder(endpoint: EndpointSettings) -> object:
+def _responder(endpoint: EndpointSettings) -> Callable[[], Awaitable[Response]]:
     body = json.dumps(endpoint.response).encode()
     headers = {"Content-Type": "application/json", **endpoint.headers}
 

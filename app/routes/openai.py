@@ -33,7 +33,7 @@ _JSON = "application/json"
 
 
 async def _read(model: type[_Request]) -> tuple[_Request, bytes]:
-    body = await request.get_data(as_text=False)
+    body = await request.data
     try:
         # Validating the bytes directly skips building Python objects for the whole body first.
         return model.model_validate_json(body), body

@@ -72,8 +72,7 @@ StreamOutcome = Literal["completed", "disconnected", "aborted"]
 
 _ERROR_BODIES: dict[int, tuple[str, str, str | None, str | None]] = {
     400: (
-        "Invalid 'messages': empty array. Expected an array with minimum length 1, "
-        "but got an empty array instead.",
+        "Invalid 'messages': empty array. Expected an array with minimum length 1, but got an empty array instead.",
         "invalid_request_error",
         "messages",
         "empty_array",
@@ -175,9 +174,7 @@ def served_model(model: str) -> str:
 def error_body(status: int) -> Json:
     """OpenAI-shaped error body for an HTTP status."""
     default_type = "server_error" if status >= 500 else "invalid_request_error"
-    message, type_, param, code = _ERROR_BODIES.get(
-        status, (f"Fake provider error {status}", default_type, None, None)
-    )
+    message, type_, param, code = _ERROR_BODIES.get(status, (f"Fake provider error {status}", default_type, None, None))
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
@@ -244,8 +241,7 @@ def _token_logprob(token: str, position: int, top: int) -> Json:
     lp = _logprob(position)
     alternatives = [{"token": token, "logprob": lp, "bytes": list(token.encode())}]
     alternatives += [
-        {"token": f"alt{j}", "logprob": round(lp - j, 4), "bytes": list(f"alt{j}".encode())}
-        for j in range(1, top)
+        {"token": f"alt{j}", "logprob": round(lp - j, 4), "bytes": list(f"alt{j}".encode())} for j in range(1, top)
     ]
     return {"token": token, "logprob": lp, "bytes": list(token.encode()), "top_logprobs": alternatives[:top]}
 
@@ -494,9 +490,7 @@ def completion(body: Json, behaviour: Behaviour, completion_id: str, created: in
     for index, (words, finish) in enumerate(answers):
         pieces = _pieces(words)
         logprobs = _completion_logprobs(pieces, top) if top is not None else None
-        choices.append(
-            {"text": "".join(pieces), "index": index, "logprobs": logprobs, "finish_reason": finish}
-        )
+        choices.append({"text": "".join(pieces), "index": index, "logprobs": logprobs, "finish_reason": finish})
     return {
         "id": completion_id,
         "object": "text_completion",
@@ -704,7 +698,7 @@ class FakeProvider:
         # Short shutdown timeout: a slow-N handler must not hold up stop().
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, shutdown_timeout=0.5).start()
+        await web.SockSite(self._runner, sock).start()
 
     # -- recorded state (thread-safe copies) ----------------------------------------
 
@@ -763,6 +757,20 @@ class FakeProvider:
             time.sleep(0.01)
         return self.request_count() >= count
 
+    def wait_for_streams(self, count: int = 1, timeout: float = 5.0) -> list[StreamRecord]:
+        """Wait until ``count`` streams exist and all have an outcome; returns them.
+
+        A client can read ``[DONE]`` before the handler records completion, so
+        check outcomes through this rather than ``streams`` right after a stream.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            streams = self.streams
+            settled = len(streams) >= count and all(s.outcome is not None for s in streams)
+            if settled or time.monotonic() >= deadline:
+                return streams
+            time.sleep(0.01)
+
     def reset(self) -> None:
         """Forget recorded requests, counters and stream events."""
         with self._lock:
@@ -813,9 +821,7 @@ class FakeProvider:
             headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return web.json_response(body, status=status, headers=headers)
 
-    async def _prepare(
-        self, request: web.Request
-    ) -> tuple[RecordedRequest, Json, Behaviour] | web.StreamResponse:
+    async def _prepare(self, request: web.Request) -> tuple[RecordedRequest, Json, Behaviour] | web.StreamResponse:
         """Record the request; return its body and behaviour, or an early response."""
         recorded = await self._record(request)
         if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":

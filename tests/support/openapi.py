@@ -37,9 +37,7 @@ _BASE_URI = "urn:helios:openai-openapi"
 _SCHEMAS_POINTER = "#/components/schemas/"
 
 # Only these keywords hold subschemas; everything else (enum, default, example...) is data.
-_SCHEMA_MAP_KEYWORDS = frozenset(
-    {"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"}
-)
+_SCHEMA_MAP_KEYWORDS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
 _SCHEMA_LIST_KEYWORDS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems"})
 _SCHEMA_KEYWORDS = frozenset(
     {
@@ -238,9 +236,7 @@ def _describe(error: ValidationError, depth: int = 0) -> Iterator[str]:
 
 def errors(schema_name: str, instance: object) -> list[str]:
     """Readable descriptions of every validation error (empty when valid)."""
-    found = sorted(
-        _validator(schema_name).iter_errors(instance), key=lambda e: list(map(str, e.absolute_path))
-    )
+    found = sorted(_validator(schema_name).iter_errors(instance), key=lambda e: list(map(str, e.absolute_path)))
     return ["\n".join(_describe(error)) for error in found]
 
 

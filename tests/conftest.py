@@ -1,0 +1,3 @@
+"""Shared fixtures: the imitated provider, the gateway as a real Hypercorn process, and clients."""
+
+from tests.support.fixtures import fake_provider, helios, provider  # noqa: F401

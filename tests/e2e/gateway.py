@@ -1,0 +1,74 @@
+"""Helpers for end-to-end tests: configurations pointing at the fake provider, and raw SSE reading."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import openai
+
+from tests.support.fake_provider import FakeProvider
+from tests.support.openapi import validate
+from tests.support.server import HeliosProcess
+
+
+def remote_model(provider: FakeProvider, name: str, upstream: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "backend": "openai",
+        "base_url": provider.base_url,
+        "api_key": "sk-upstream-secret",
+        "upstream_model": upstream,
+        "max_retries": 0,
+        "timeout": 10,
+        **extra,
+    }
+
+
+def client(base_url: str, api_key: str = "unused", **kwargs: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=30, **kwargs)
+
+
+def stream_payloads(cl: openai.OpenAI, kind: str = "chat", **params: Any) -> list[bytes]:
+    """The raw ``data:`` payloads of a stream, as the client received them, in order."""
+    resource = cl.chat.completions if kind == "chat" else cl.completions
+    payloads: list[bytes] = []
+    with resource.with_streaming_response.create(stream=True, **params) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                payloads.append(line[6:].encode())
+            else:
+                assert line == "", f"unexpected SSE line {line!r}"
+    return payloads
+
+
+def validated_chunks(payloads: list[bytes], schema: str = "CreateChatCompletionStreamResponse") -> list[Any]:
+    """Parse and validate every chunk; the stream must end with exactly one [DONE]."""
+    assert payloads and payloads[-1] == b"[DONE]", payloads[-3:]
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    for chunk in chunks:
+        validate(schema, chunk)
+    return chunks
+
+
+def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def wait_for_log(process: HeliosProcess, needle: str, timeout: float = 10.0) -> str:
+    """The first log line containing ``needle``, waiting for it to be written."""
+    found: list[str] = []
+
+    def seen() -> bool:
+        found[:] = [line for line in process.logs().splitlines() if needle in line]
+        return bool(found)
+
+    eventually(seen, timeout, f"log line with {needle!r}")
+    return found[0]
