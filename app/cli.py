@@ -62,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.check_config:
         print("configuration OK")
         return 0
+    from app.logs import configure_logging
     from app.server import serve
 
+    configure_logging(settings.server.log_level, settings.server.log_format)
     return serve(settings)

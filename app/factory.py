@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import uuid
 
@@ -10,13 +11,14 @@ from quart import Quart, Response, g, request
 from quart_schema import Info, QuartSchema
 from werkzeug.exceptions import HTTPException
 
-from app import __version__
+from app import __version__, metrics
 from app.auth import KeyChecker
 from app.backends.registry import Registry
 from app.errors import APIError, from_http_status, internal_error
 from app.exchange import Exchange
 from app.logs import request_id
 from app.routes import custom, health, openai
+from app.routes import metrics as metrics_routes
 from app.settings import Settings
 from app.state import AppState, install_state
 
@@ -44,6 +46,9 @@ def create_app(settings: Settings) -> Quart:
     ))
     app.register_blueprint(openai.blueprint)
     app.register_blueprint(health.blueprint)
+    if settings.metrics.enabled and settings.metrics.port is None:
+        app.register_blueprint(metrics_routes.metrics_blueprint(settings.metrics))
+    metrics.record_static(registry.describe())
     custom.register_custom_endpoints(app, settings.endpoints)
     _install_hooks(app, settings)
     _install_error_handlers(app)
@@ -51,10 +56,12 @@ def create_app(settings: Settings) -> Quart:
     @app.before_serving
     async def open_backends() -> None:
         await registry.start()
+        metrics_routes.refresh_readiness()
 
     @app.after_serving
     async def close_backends() -> None:
         await registry.close()
+        metrics.mark_worker_dead(os.getpid())
 
     return app
 
@@ -69,7 +76,8 @@ def _install_hooks(app: Quart, settings: Settings) -> None:
         rid = rid if _REQUEST_ID.match(rid) else uuid.uuid4().hex
         request_id.set(rid)
         g.request_id = rid
-        g.exchange = Exchange(request.method, request.path)
+        rule = request.url_rule
+        g.exchange = Exchange(request.method, request.path, rule.rule if rule else metrics.UNMATCHED_ROUTE)
         if origins and request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
             return Response(status=204, headers={
                 "Access-Control-Allow-Methods": "GET, POST, PUT, PATCH, DELETE, OPTIONS",
@@ -93,6 +101,14 @@ def _install_hooks(app: Quart, settings: Settings) -> None:
         if exchange is not None and not exchange.stream:
             exchange.finish(response.status_code)
         return response
+
+    @app.teardown_request
+    async def abandoned(_: BaseException | None) -> None:
+        # A client that leaves before its answer cancels the handler: after_request never runs, yet the
+        # request must still leave the in-flight gauge and be counted (499, as nginx logs it).
+        exchange: Exchange | None = g.get("exchange")
+        if exchange is not None and not exchange.stream and not exchange.finished:
+            exchange.finish(499, disconnected=True)
 
 
 def _error_response(error: APIError) -> Response:

@@ -69,6 +69,18 @@ class ServerSettings(_Section):
     )
 
 
+class MetricsSettings(_Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics.")
+    path: str = Field("/metrics", pattern=r"^/[A-Za-z0-9._/-]*$")
+    port: int | None = Field(
+        None, ge=1, le=65535, description="Serve metrics on this separate port instead of the API port."
+    )
+    bearer_token: SecretStr | None = Field(None, description="When set, scrapes must send it as a Bearer token.")
+    multiprocess_dir: Path = Field(
+        Path("/tmp/helios-metrics"), description="Scratch directory aggregating metrics of several workers."
+    )
+
+
 class AuthSettings(_Section):
     api_keys: list[SecretStr] = Field(
         default_factory=list, description="Keys accepted as 'Authorization: Bearer <key>' on /v1/*."
@@ -178,6 +190,7 @@ class Settings(BaseSettings):
 
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     models: list[ModelSettings] = Field(default_factory=list)
     endpoints: list[EndpointSettings] = Field(default_factory=list)
 

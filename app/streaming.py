@@ -8,7 +8,9 @@ ends without ``[DONE]``: a client must never mistake a broken answer for a finis
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from quart import Response
 
@@ -28,39 +30,61 @@ SSE_HEADERS = {
     "X-Accel-Buffering": "no",
 }
 
-#: called once when a stream ends, with the error it ended on (if any) and whether the client left first
-StreamEnd = Callable[[APIError | None, bool], None]
+class StreamObserver(Protocol):
+    """Told about a stream's progress; ``app.exchange.Exchange`` is the one used in practice."""
+
+    backend_seconds: float
+    client_seconds: float
+
+    def chunk_relayed(self, now: float) -> None: ...
+
+    def finish(self, status: int, *, disconnected: bool = False) -> None: ...
 
 
 def _event(payload: bytes) -> bytes:
     return b"".join((_PREFIX, payload, _SUFFIX))
 
 
-async def _frame(chunks: ChunkStream, on_end: StreamEnd) -> AsyncIterator[bytes]:
-    error: APIError | None = None
+async def _frame(chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator[bytes]:
+    status = 200
     completed = False
+    next_chunk = chunks.__anext__
+    clock = time.perf_counter
     try:
-        async for payload in chunks:
+        while True:
+            waited = clock()
+            try:
+                payload = await next_chunk()
+            except StopAsyncIteration:
+                break
+            now = clock()
+            observer.backend_seconds += now - waited
+            observer.chunk_relayed(now)
             yield _event(payload)
+            # Time spent suspended in the yield is the client (or its socket buffer) taking the bytes.
+            observer.client_seconds += clock() - now
         yield _DONE_EVENT
         completed = True
     except APIError as exc:
-        error = exc
+        status = exc.status
+        completed = True
         yield _event(exc.to_json())
     except Exception:
         log.exception("stream failed")
         error = internal_error()
+        status = error.status
+        completed = True
         yield _event(error.to_json())
     finally:
         # Closing the backend's iterator is what releases the upstream request when the client leaves.
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
-        on_end(error, not completed and error is None)
+        observer.finish(status, disconnected=not completed)
 
 
-def sse_response(chunks: ChunkStream, on_end: StreamEnd, headers: dict[str, str] | None = None) -> Response:
-    response = Response(_frame(chunks, on_end), status=200, headers={**SSE_HEADERS, **(headers or {})})
+def sse_response(chunks: ChunkStream, observer: StreamObserver) -> Response:
+    response = Response(_frame(chunks, observer), status=200, headers=SSE_HEADERS)
     # Quart cuts responses after RESPONSE_TIMEOUT by default; a long generation is not a hung one.
     response.timeout = None
     return response

@@ -25,6 +25,8 @@ class CallStats:
     completion_tokens: int | None = None
     finish_reasons: list[str] = field(default_factory=list)
     retries: int = 0
+    #: why the backend call failed, for the upstream-errors metric (timeout, connection, status_5xx, ...)
+    error_kind: str | None = None
 
 
 class Backend(ABC):

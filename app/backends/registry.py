@@ -25,6 +25,7 @@ class Registry:
     def __init__(self, models: list[ModelSettings]) -> None:
         self.backends: list[Backend] = [build_backend(model) for model in models]
         self.created = int(time.time())
+        self._models = models
         self._by_name: dict[str, Backend] = {}
         for model, backend in zip(models, self.backends, strict=True):
             for served in model.served_names:
@@ -38,6 +39,10 @@ class Registry:
 
     def served_names(self) -> dict[str, Backend]:
         return self._by_name
+
+    def describe(self) -> list[tuple[str, str, str]]:
+        """(name, backend kind, upstream model) of every configured model."""
+        return [(m.name, m.backend, m.upstream_name) for m in self._models]
 
     def is_known(self, name: str) -> bool:
         return name in self._by_name

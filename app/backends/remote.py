@@ -104,10 +104,12 @@ class RemoteBackend(Backend):
         try:
             data = json.loads(content)
         except ValueError:
+            stats.error_kind = "invalid_response"
             raise upstream_unavailable(
                 f"The provider for model '{self.name}' answered with a body that is not JSON."
             ) from None
         if not isinstance(data, dict) or "error" in data:
+            stats.error_kind = "invalid_response"
             raise _error_from_body(data, response.status_code)
         usage = data.get("usage")
         if isinstance(usage, dict):
@@ -137,6 +139,7 @@ class RemoteBackend(Backend):
         response = await self._send(path, payload, stats, stream=True)
         content_type = response.headers.get("content-type", "")
         if not content_type.startswith("text/event-stream"):
+            stats.error_kind = "invalid_response"
             try:
                 data: Any = json.loads(await response.aread())
             except ValueError:
@@ -160,6 +163,7 @@ class RemoteBackend(Backend):
                     finished = True
                     break
                 if _ERROR_EVENT.match(data):
+                    stats.error_kind = "stream_error"
                     raise _error_from_body(_loads(data), 502)
                 if _USAGE_OBJECT.search(data):
                     chunk = _loads(data)
@@ -172,14 +176,17 @@ class RemoteBackend(Backend):
                     stats.finish_reasons.extend(m.decode() for m in _FINISH_REASON.findall(data))
                 yield replace_model(data, encoded_name)
         except httpx2.TimeoutException:
+            stats.error_kind = "timeout"
             raise upstream_timeout(f"The provider for model '{self.name}' stopped sending mid-stream.") from None
         except (httpx2.HTTPError, ValueError) as exc:
+            stats.error_kind = "stream_broken"
             raise upstream_unavailable(
                 f"The stream from the provider for model '{self.name}' broke: {type(exc).__name__}."
             ) from None
         finally:
             await response.aclose()
         if not finished and not stats.finish_reasons:
+            stats.error_kind = "stream_broken"
             raise upstream_unavailable(f"The stream from the provider for model '{self.name}' ended early.")
 
     async def _send(self, path: str, payload: bytes, stats: CallStats, *, stream: bool) -> httpx2.Response:
@@ -192,13 +199,16 @@ class RemoteBackend(Backend):
                 options={"headers": _JSON_HEADERS}, stream=stream,
             )
         except openai.APITimeoutError:
+            stats.error_kind = "timeout"
             raise upstream_timeout(f"The provider for model '{self.name}' did not answer in time.") from None
         except openai.APIConnectionError as exc:
+            stats.error_kind = "connection"
             raise upstream_unavailable(
                 f"Cannot reach the provider for model '{self.name}': {_cause(exc)}."
             ) from None
         except openai.APIStatusError as exc:
             stats.retries = _retries(exc.response)
+            stats.error_kind = f"status_{exc.status_code // 100}xx"
             raise _status_error(self.name, exc) from None
         stats.retries = _retries(response)
         return response

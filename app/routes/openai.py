@@ -3,14 +3,17 @@ they never know which kind of backend they talk to."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable
 from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 from quart import Blueprint, Response, g, request
 from quart_schema import document_request, document_response
 
+from app import metrics
 from app.backends.base import Backend, ChunkStream
-from app.errors import APIError, from_validation_error, model_not_found, not_ready
+from app.errors import from_validation_error, model_not_found, not_ready
 from app.exchange import Exchange
 from app.protocol import (
     ChatCompletionRequest,
@@ -29,6 +32,7 @@ from app.streaming import sse_response
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 
 _Request = TypeVar("_Request", bound=BaseModel)
+_Result = TypeVar("_Result")
 _JSON = "application/json"
 
 
@@ -42,13 +46,27 @@ async def _read(model: type[_Request]) -> tuple[_Request, bytes]:
 
 
 def _backend(model: str) -> Backend:
-    backend = app_state().registry.get(model)
     exchange: Exchange = g.exchange
-    exchange.model = backend.name
+    registry = app_state().registry
+    if not registry.is_known(model):
+        exchange.model = metrics.UNKNOWN_MODEL
+        raise model_not_found(model)
+    backend = registry.get(model)
+    exchange.serving(backend.name)
     reason = backend.not_ready_reason()
     if reason is not None:
         raise not_ready(f"Model '{model}' is not ready: {reason}.")
     return backend
+
+
+async def _timed(call: Awaitable[_Result]) -> _Result:
+    """Await a backend call, counting the wait as backend time rather than appliance overhead."""
+    exchange: Exchange = g.exchange
+    started = time.perf_counter()
+    try:
+        return await call
+    finally:
+        exchange.backend_seconds += time.perf_counter() - started
 
 
 def _json(body: bytes) -> Response:
@@ -58,11 +76,7 @@ def _json(body: bytes) -> Response:
 def _stream(chunks: ChunkStream) -> Response:
     exchange: Exchange = g.exchange
     exchange.stream = True
-
-    def on_end(error: APIError | None, disconnected: bool) -> None:
-        exchange.finish(error.status if error else 200, disconnected=disconnected)
-
-    return sse_response(chunks, on_end)
+    return sse_response(chunks, exchange)
 
 
 @blueprint.post("/chat/completions")
@@ -75,8 +89,8 @@ async def chat_completions() -> Response:
     backend = _backend(req.model)
     stats = g.exchange.stats
     if req.stream:
-        return _stream(await backend.chat_stream(req, body, req.model, stats))
-    return _json(await backend.chat(req, body, req.model, stats))
+        return _stream(await _timed(backend.chat_stream(req, body, req.model, stats)))
+    return _json(await _timed(backend.chat(req, body, req.model, stats)))
 
 
 @blueprint.post("/completions")
@@ -89,8 +103,8 @@ async def completions() -> Response:
     backend = _backend(req.model)
     stats = g.exchange.stats
     if req.stream:
-        return _stream(await backend.completion_stream(req, body, req.model, stats))
-    return _json(await backend.completion(req, body, req.model, stats))
+        return _stream(await _timed(backend.completion_stream(req, body, req.model, stats)))
+    return _json(await _timed(backend.completion(req, body, req.model, stats)))
 
 
 @blueprint.post("/embeddings")
@@ -101,7 +115,7 @@ async def embeddings() -> Response:
     """Create embeddings for one or more inputs."""
     req, body = await _read(EmbeddingRequest)
     backend = _backend(req.model)
-    return _json(await backend.embeddings(req, body, req.model, g.exchange.stats))
+    return _json(await _timed(backend.embeddings(req, body, req.model, g.exchange.stats)))
 
 
 @blueprint.get("/models")
