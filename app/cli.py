@@ -10,10 +10,11 @@ from typing import Any
 
 import tomli_w
 
-from app import __version__
+from app import __version__, fatal
 from app.settings import CONFIG_ENV, ConfigError, Settings, load_settings
 
 EXIT_CONFIG = 2
+EXIT_STARTUP = 3
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -66,4 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from app.server import serve
 
     configure_logging(settings.server.log_level, settings.server.log_format)
-    return serve(settings)
+    code = serve(settings)
+    failure = fatal.failure()
+    if failure is not None:
+        print(f"helios-serve: start-up failed: {failure}", file=sys.stderr)
+        return EXIT_STARTUP
+    return code

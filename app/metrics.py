@@ -74,6 +74,10 @@ backend_ready = Gauge(
     "helios_backend_ready", "1 when the model's backend can serve, else 0.", ["model"],
     multiprocess_mode="livemin",
 )
+engine_requests = Gauge(
+    "helios_engine_requests", "Requests inside an embedded engine (running or waiting), read at scrape time.",
+    ["model"], multiprocess_mode="livesum",
+)
 build_info = Gauge(
     "helios_build_info", "Build information; the value is always 1.", ["version", "python", "vllm"],
     multiprocess_mode="livemax",

@@ -8,6 +8,7 @@ file (``HELIOS_CONFIG``, default ``config/config.toml``), then the defaults belo
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Iterable
 from pathlib import Path
@@ -39,7 +40,10 @@ SECRETS_DIR_ENV = "HELIOS_SECRETS_DIR"
 DEFAULT_CONFIG_PATH = "config/config.toml"
 DEFAULT_SECRETS_DIR = "/run/secrets"
 HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
-BACKENDS = ("openai",)
+BACKENDS = ("openai", "vllm")
+
+
+_NAMED_MESSAGE = re.compile(r"^(?P<setting>[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)*): (?P<message>.*)$", re.S)
 
 
 class ConfigError(Exception):
@@ -158,7 +162,47 @@ class OpenAIModelSettings(_ModelBase):
         return None
 
 
-ModelSettings = Annotated[OpenAIModelSettings, Field(discriminator="backend")]
+class VLLMModelSettings(_ModelBase):
+    """A model served in-process by an embedded vLLM engine."""
+
+    backend: Literal["vllm"]
+    model: str = Field(min_length=1, description="Local model directory or Hugging Face model id.")
+    tokenizer: str | None = None
+    dtype: str = "auto"
+    max_model_len: int | None = Field(None, ge=16)
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    kv_cache_memory_bytes: int | None = Field(None, ge=1024 * 1024, description="KV-cache size; overrides "
+                                              "gpu_memory_utilization.")
+    max_num_seqs: int | None = Field(None, ge=1, description="Sequences the engine runs at once.")
+    enforce_eager: bool = False
+    quantization: str | None = None
+    trust_remote_code: bool = False
+    download_dir: str | None = None
+    chat_template: str | None = Field(
+        None, description="Chat template override: a path to a Jinja file, or the template itself."
+    )
+    max_queue_depth: int = Field(
+        64, ge=0, description="Requests allowed to wait for an engine slot before new ones get 429."
+    )
+    retry_after: int = Field(1, ge=1, description="Seconds suggested in Retry-After when the queue is full.")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="Further vLLM AsyncEngineArgs fields, passed through unchanged."
+    )
+
+    @property
+    def upstream_name(self) -> str:
+        return self.model
+
+    @model_validator(mode="after")
+    def _template_exists(self) -> VLLMModelSettings:
+        template = self.chat_template
+        if template is not None and "{{" not in template and "{%" not in template and not Path(template).is_file():
+            raise ValueError(f"chat_template file {template!r} does not exist")
+        return self
+
+
+ModelSettings = Annotated[OpenAIModelSettings | VLLMModelSettings, Field(discriminator="backend")]
 
 
 class EndpointSettings(_Section):
@@ -193,6 +237,16 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     models: list[ModelSettings] = Field(default_factory=list)
     endpoints: list[EndpointSettings] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_worker_per_engine(self) -> Settings:
+        embedded = [m.name for m in self.models if m.backend == "vllm"]
+        if embedded and self.server.workers != 1:
+            raise ValueError(
+                f"server.workers: must be 1 when an embedded vllm model is configured ({', '.join(embedded)}): "
+                "each worker would load its own copy of the model"
+            )
+        return self
 
     @model_validator(mode="after")
     def _unique_names(self) -> Settings:
@@ -279,6 +333,11 @@ def _describe_validation_error(
         message = "unknown setting"
     elif error["type"] == "value_error":
         message = message.removeprefix("Value error, ")
+        # Whole-settings checks name the setting at the start of their message ("server.workers: ...").
+        named = _NAMED_MESSAGE.match(message) if not loc else None
+        if named:
+            setting, message = named["setting"], named["message"]
+            loc = [int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]+", setting) if p]
     if error["type"] not in ("extra_forbidden", "missing") and "input" in error and not _is_secret(loc):
         shown = repr(error["input"])
         if len(shown) <= 60 and not isinstance(error["input"], dict | list):

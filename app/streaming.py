@@ -7,6 +7,7 @@ ends without ``[DONE]``: a client must never mistake a broken answer for a finis
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -20,6 +21,7 @@ from app.errors import APIError, internal_error
 log = logging.getLogger(__name__)
 
 _PREFIX = b"data: "
+_FAIR_SHARE = 0.002  # seconds a stream may run without letting other tasks in
 _SUFFIX = b"\n\n"
 DONE = b"[DONE]"
 _DONE_EVENT = b"data: [DONE]\n\n"
@@ -50,6 +52,7 @@ async def _frame(chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator
     completed = False
     next_chunk = chunks.__anext__
     clock = time.perf_counter
+    last_pause = clock()
     try:
         while True:
             waited = clock()
@@ -62,7 +65,14 @@ async def _frame(chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator
             observer.chunk_relayed(now)
             yield _event(payload)
             # Time spent suspended in the yield is the client (or its socket buffer) taking the bytes.
-            observer.client_seconds += clock() - now
+            done = clock()
+            observer.client_seconds += done - now
+            # When the backend has chunks ready and the socket has room, no await above suspends, and a
+            # fast stream would hold the event loop until it ends: every other request, /metrics and
+            # /health included, would stall. Give way at least every few milliseconds.
+            if done - last_pause > _FAIR_SHARE:
+                await asyncio.sleep(0)
+                last_pause = clock()
         yield _DONE_EVENT
         completed = True
     except APIError as exc:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 
+from app import fatal
 from app.backends.base import Backend
 from app.errors import model_not_found
 from app.settings import ModelSettings
@@ -18,7 +20,9 @@ def build_backend(settings: ModelSettings) -> Backend:
         from app.backends.remote import RemoteBackend
 
         return RemoteBackend(settings)
-    raise ValueError(f"unknown backend {settings.backend!r}")  # settings validation makes this unreachable
+    from app.backends.vllm_engine import VLLMBackend
+
+    return VLLMBackend(settings)
 
 
 class Registry:
@@ -26,6 +30,7 @@ class Registry:
         self.backends: list[Backend] = [build_backend(model) for model in models]
         self.created = int(time.time())
         self._models = models
+        self._starting: set[asyncio.Task[None]] = set()
         self._by_name: dict[str, Backend] = {}
         for model, backend in zip(models, self.backends, strict=True):
             for served in model.served_names:
@@ -48,13 +53,32 @@ class Registry:
         return name in self._by_name
 
     async def start(self) -> None:
-        await asyncio.gather(*(backend.start() for backend in self.backends))
+        """Start every backend in the background: /health answers while a slow one loads, and /ready
+        tells when all are done. A backend that fails to start stops the process."""
         for backend in self.backends:
-            reason = backend.not_ready_reason()
-            if reason:
-                log.warning("model %s is not ready: %s", backend.name, reason)
+            task = asyncio.create_task(backend.start(), name=f"start {backend.name}")
+            self._starting.add(task)
+            task.add_done_callback(partial(self._started, backend))
+        # Instant starters (remote clients) are ready before the first request arrives.
+        await asyncio.sleep(0)
+
+    def _started(self, backend: Backend, task: asyncio.Task[None]) -> None:
+        self._starting.discard(task)
+        if task.cancelled():
+            return
+        error = task.exception()
+        if error is not None:
+            fatal.fail(f"model '{backend.name}' failed to start: {_one_line(error)}")
+            return
+        reason = backend.not_ready_reason()
+        if reason:
+            log.warning("model %s is not ready: %s", backend.name, reason)
+        else:
+            log.info("model %s is ready", backend.name)
 
     async def close(self) -> None:
+        for task in list(self._starting):
+            task.cancel()
         results = await asyncio.gather(*(b.close() for b in self.backends), return_exceptions=True)
         for backend, result in zip(self.backends, results, strict=True):
             if isinstance(result, BaseException):
@@ -62,3 +86,8 @@ class Registry:
 
     def readiness(self) -> dict[str, str | None]:
         return {backend.name: backend.not_ready_reason() for backend in self.backends}
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 500 else text[:497] + "..."

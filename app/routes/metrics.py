@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from quart import Blueprint, Response, request
 from quart_schema import hide
 
@@ -23,10 +21,9 @@ def metrics_blueprint(settings: MetricsSettings) -> Blueprint:
         if token.enabled:
             token.check(request.headers.get("Authorization"))
         refresh_readiness()
-        # Rendering walks every series (vLLM's included); keep that off the event loop.
-        body, content_type = await asyncio.to_thread(
-            metrics.exposition, metrics.scrape_registry(), request.headers.get("Accept")
-        )
+        # Rendered on the event loop on purpose: it takes milliseconds, while a worker thread competing for
+        # the GIL with a busy loop (streams in flight) can wait seconds for its turn.
+        body, content_type = metrics.exposition(metrics.scrape_registry(), request.headers.get("Accept"))
         return Response(body, content_type=content_type)
 
     return blueprint

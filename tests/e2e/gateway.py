@@ -28,7 +28,8 @@ def remote_model(provider: FakeProvider, name: str, upstream: str, **extra: Any)
 
 
 def client(base_url: str, api_key: str = "unused", **kwargs: Any) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, timeout=30, **kwargs)
+    kwargs.setdefault("timeout", 30)
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key=api_key, max_retries=0, **kwargs)
 
 
 def stream_payloads(cl: openai.OpenAI, kind: str = "chat", **params: Any) -> list[bytes]:

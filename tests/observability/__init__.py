@@ -1,0 +1,1 @@
+"""Prometheus rules, Grafana provisioning and the dashboard, checked statically and against real servers."""

@@ -1,0 +1,101 @@
+"""The repo's Prometheus/Grafana configuration files and the queries of the Helios Serve dashboard."""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tests.support.server import REPO_ROOT
+
+__all__ = [
+    "ALERTS",
+    "ALERTS_TEST",
+    "DASHBOARD",
+    "DASHBOARD_PROVIDER",
+    "DATASOURCES",
+    "PROMETHEUS_CONFIG",
+    "PanelQuery",
+    "data_panels",
+    "load_dashboard",
+    "load_yaml",
+    "panel_queries",
+    "substitute",
+]
+
+CONFIG = REPO_ROOT / "config"
+PROMETHEUS_CONFIG = CONFIG / "prometheus" / "prometheus.yml"
+ALERTS = CONFIG / "prometheus" / "alerts.yml"
+ALERTS_TEST = CONFIG / "prometheus" / "alerts_test.yml"
+DATASOURCES = CONFIG / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
+DASHBOARD_PROVIDER = CONFIG / "grafana" / "provisioning" / "dashboards" / "helios.yml"
+DASHBOARD = CONFIG / "grafana" / "dashboards" / "helios-serve.json"
+
+_MODEL_VARIABLE = re.compile(r"\$model\b|\$\{model(?::[a-z]+)?\}|\[\[model\]\]")
+
+
+@dataclass(frozen=True)
+class PanelQuery:
+    """One target of one panel."""
+
+    panel: str
+    ref_id: str
+    expr: str
+
+    @property
+    def needs_vllm(self) -> bool:
+        """vLLM's own series exist only for models served by an embedded engine."""
+        return "vllm:" in self.expr
+
+    def __str__(self) -> str:
+        return f"{self.panel} [{self.ref_id}]: {self.expr}"
+
+
+def load_yaml(path: Path) -> Any:
+    """A YAML file, parsed safely."""
+    return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+
+def load_dashboard(path: Path = DASHBOARD) -> dict[str, Any]:
+    """The dashboard JSON."""
+    dashboard: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return dashboard
+
+
+def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Panels in order, rows flattened (collapsed rows nest theirs)."""
+    flat: list[dict[str, Any]] = []
+    for panel in panels:
+        flat.append(panel)
+        flat.extend(_panels(panel.get("panels", [])))
+    return flat
+
+
+def data_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
+    """All panels that are not rows."""
+    return [panel for panel in _panels(dashboard["panels"]) if panel.get("type") != "row"]
+
+
+def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
+    """Every PromQL target of every panel."""
+    return [
+        PanelQuery(panel["title"], target.get("refId", "?"), target["expr"])
+        for panel in data_panels(dashboard)
+        for target in panel.get("targets", [])
+        if target.get("expr")
+    ]
+
+
+def substitute(expr: str, model: str, rate_interval: str = "30s") -> str:
+    """The query as Grafana would send it: the model variable and the interval macros replaced."""
+    # A function, not a template: backslashes in the value (escaped regex) must stay as they are.
+    expr = _MODEL_VARIABLE.sub(lambda _: model, expr)
+    for macro, value in (("$__rate_interval", rate_interval), ("$__interval", "15s"), ("$__range", "1h")):
+        expr = expr.replace(macro, value)
+    if "$" in expr:
+        raise ValueError(f"unsubstituted variable left in {expr!r}")
+    return expr

@@ -1,0 +1,158 @@
+"""Static checks of the Grafana provisioning files and the Helios Serve dashboard."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+
+from tests.observability.dashboard import (
+    DASHBOARD,
+    DASHBOARD_PROVIDER,
+    DATASOURCES,
+    data_panels,
+    load_dashboard,
+    load_yaml,
+    panel_queries,
+)
+
+# helios_ metrics without a model label (app/metrics.py); every other one must be filtered by $model.
+NO_MODEL_LABEL = {"helios_overhead_seconds", "helios_build_info"}
+# A metric name and its optional selector; ":" so recording-rule style names like vllm:x match too.
+_SELECTOR = re.compile(r"\b((?:helios_|vllm:)[a-zA-Z0-9_:]*)(\{[^}]*\})?")
+_RANGE = re.compile(r"\[([^\]]*)\]")
+_HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def _base_name(metric: str) -> str:
+    """The family name: histogram series suffixes stripped."""
+    for suffix in _HISTOGRAM_SUFFIXES:
+        if metric.endswith(suffix):
+            return metric.removesuffix(suffix)
+    return metric
+
+
+@pytest.fixture(scope="module")
+def dashboard() -> dict[str, Any]:
+    return load_dashboard()
+
+
+@pytest.fixture(scope="module")
+def datasource_uid() -> str:
+    (source,) = load_yaml(DATASOURCES)["datasources"]
+    uid: str = source["uid"]
+    return uid
+
+
+def test_datasource_provisioning() -> None:
+    config = load_yaml(DATASOURCES)
+    assert config["apiVersion"] == 1
+    (source,) = config["datasources"]
+    assert source["type"] == "prometheus"
+    assert source["uid"] == "helios-prometheus"
+    assert source["url"] == "http://prometheus:9090"
+    assert source["access"] == "proxy"
+    assert source["isDefault"] is True
+
+
+def test_dashboard_provider_provisioning() -> None:
+    config = load_yaml(DASHBOARD_PROVIDER)
+    assert config["apiVersion"] == 1
+    (provider,) = config["providers"]
+    assert provider["type"] == "file"
+    # compose mounts ./config/grafana/dashboards there.
+    assert provider["options"]["path"] == "/var/lib/grafana/dashboards"
+    assert DASHBOARD.parent.name == "dashboards"
+
+
+def test_dashboard_identity(dashboard: dict[str, Any]) -> None:
+    assert dashboard["uid"] == "helios-serve"
+    assert dashboard["title"] == "Helios Serve"
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    assert "id" not in dashboard or dashboard["id"] is None, "a fixed id clashes between Grafana instances"
+
+
+def test_model_variable(dashboard: dict[str, Any], datasource_uid: str) -> None:
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    model = variables["model"]
+    assert model["type"] == "query"
+    query = model["query"]["query"] if isinstance(model["query"], dict) else model["query"]
+    assert query == "label_values(helios_model_info, model)"
+    assert model["multi"] is True
+    assert model["includeAll"] is True
+    assert model["datasource"]["uid"] == datasource_uid
+
+
+def test_panel_ids_unique_and_laid_out(dashboard: dict[str, Any]) -> None:
+    panels = data_panels(dashboard)
+    ids = [panel["id"] for panel in panels]
+    assert len(ids) == len(set(ids))
+    for panel in panels:
+        assert panel["type"] in {"timeseries", "stat"}, panel["title"]
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+
+
+def test_every_panel_has_a_query(dashboard: dict[str, Any]) -> None:
+    for panel in data_panels(dashboard):
+        exprs = [target.get("expr", "") for target in panel.get("targets", [])]
+        assert exprs, f"{panel['title']}: no targets"
+        assert all(expr.strip() for expr in exprs), f"{panel['title']}: target without expr"
+
+
+def test_datasource_referenced_by_uid(dashboard: dict[str, Any], datasource_uid: str) -> None:
+    for panel in data_panels(dashboard):
+        assert panel["datasource"] == {"type": "prometheus", "uid": datasource_uid}, panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == {"type": "prometheus", "uid": datasource_uid}, panel["title"]
+
+
+@pytest.mark.parametrize("query", panel_queries(load_dashboard()), ids=str)
+def test_queries_filter_by_model(query: Any) -> None:
+    """helios_ series carrying a model label use model=~"$model"; vLLM's use model_name=~"$model"."""
+    found = _SELECTOR.findall(query.expr)
+    assert found, "no helios_ or vllm: metric in the query"
+    for metric, selector in found:
+        name = _base_name(metric)
+        if name in NO_MODEL_LABEL:
+            assert "$model" not in selector, f"{metric} has no model label"
+            continue
+        label = "model_name" if metric.startswith("vllm:") else "model"
+        assert f'{label}=~"$model"' in selector, f"{metric} not filtered by {label}=~\"$model\""
+
+
+@pytest.mark.parametrize("query", panel_queries(load_dashboard()), ids=str)
+def test_rate_windows_use_rate_interval(query: Any) -> None:
+    """Fixed windows break when the scrape interval or the zoom changes."""
+    for window in _RANGE.findall(query.expr):
+        assert window == "$__rate_interval"
+
+
+def test_required_panels_present(dashboard: dict[str, Any]) -> None:
+    """The metric families the dashboard must chart (app/metrics.py and vLLM's own)."""
+    used = {_base_name(metric) for query in panel_queries(dashboard) for metric, _ in _SELECTOR.findall(query.expr)}
+    assert used >= {
+        "helios_requests_total",
+        "helios_requests_in_flight",
+        "helios_request_duration_seconds",
+        "helios_time_to_first_token_seconds",
+        "helios_inter_token_latency_seconds",
+        "helios_prompt_tokens_total",
+        "helios_completion_tokens_total",
+        "helios_finish_reasons_total",
+        "helios_upstream_errors_total",
+        "helios_upstream_retries_total",
+        "helios_overhead_seconds",
+        "helios_backend_ready",
+        "vllm:num_requests_running",
+        "vllm:num_requests_waiting",
+        "vllm:kv_cache_usage_perc",
+    }
+    for quantile in ("0.5", "0.95", "0.99"):
+        for family in ("request_duration_seconds", "time_to_first_token_seconds", "inter_token_latency_seconds",
+                       "overhead_seconds"):
+            assert any(
+                f"histogram_quantile({quantile}," in query.expr and f"helios_{family}_bucket" in query.expr
+                for query in panel_queries(dashboard)
+            ), f"no p{quantile} of {family}"
