@@ -14,6 +14,7 @@ from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics import exposition as openmetrics_exposition
 from prometheus_client.registry import REGISTRY
 
 from app import __version__
@@ -121,6 +122,14 @@ def scrape_registry() -> CollectorRegistry:
 def exposition(registry: CollectorRegistry, accept: str | None) -> tuple[bytes, str]:
     """The registry rendered in the format the scraper asked for (OpenMetrics or text 0.0.4)."""
     encoder, content_type = choose_encoder(accept or "")
+    if content_type.startswith("application/openmetrics-text"):
+        # Under its default escaping prometheus-client rewrites ':' to '_' in OpenMetrics sample lines (but
+        # not in HELP/TYPE), which would rename vLLM's "vllm:*" series. Every name here is a valid classic
+        # name, which the UTF-8 mode writes out unchanged.
+        body: bytes = openmetrics_exposition.generate_latest(  # type: ignore[no-untyped-call]
+            registry, escaping=openmetrics_exposition.ALLOWUTF8
+        )
+        return body, openmetrics_exposition.CONTENT_TYPE_LATEST
     return encoder(registry), content_type
 
 

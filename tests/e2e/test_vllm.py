@@ -303,6 +303,12 @@ def test_vllm_metrics_are_exposed_unchanged(gateway: HeliosProcess) -> None:
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:generation_tokens_total"):
         assert re.search(rf'^{re.escape(name)}\{{[^}}]*model_name="{MODEL}"', text, re.M), name
+    # Prometheus asks for OpenMetrics; the names must survive that format too.
+    openmetrics = httpx2.get(f"{gateway.base_url}/metrics",
+                             headers={"Accept": "application/openmetrics-text;version=1.0.0"})
+    assert openmetrics.headers["content-type"].startswith("application/openmetrics-text")
+    assert re.search(rf'^vllm:num_requests_running\{{[^}}]*model_name="{MODEL}"', openmetrics.text, re.M)
+    assert openmetrics.text.rstrip().endswith("# EOF")
     assert _metric(gateway, "helios_backend_ready", f'model="{MODEL}"') == 1
 
 

@@ -1,14 +1,12 @@
 """A real Prometheus scraping a real gateway: every dashboard query returns data, the alert rules load.
 
 Traffic goes through the official openai client to a gateway in front of the imitated provider. Panels
-on vLLM's own series need an embedded engine; they are checked by a separate test that runs only when
-``HELIOS_TEST_VLLM_MODEL_DIR`` names a model directory.
+on vLLM's own series are checked by a separate test with the tiny demo model on the embedded engine.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import re
 import threading
 import time
@@ -24,6 +22,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.e2e.gateway import client, remote_model
 from tests.observability.dashboard import ALERTS, PanelQuery, load_dashboard, panel_queries, substitute
+from tests.support.engine import engine_env
 from tests.support.fake_provider import FakeProvider
 from tests.support.fixtures import HeliosFactory
 from tests.support.prometheus import PrometheusServer, PrometheusTools, promtool
@@ -31,7 +30,6 @@ from tests.support.server import HeliosProcess
 
 pytestmark = pytest.mark.timeout(60)
 
-VLLM_MODEL_ENV = "HELIOS_TEST_VLLM_MODEL_DIR"
 USER: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hello there general kenobi"}]
 # Wider than the whole test's traffic, so every rate() sees the increase between two phases.
 RATE_WINDOW = "30s"
@@ -253,23 +251,14 @@ def _evaluated_since(rule: dict[str, Any], since: float) -> bool:
     return parsed.timestamp() >= since
 
 
-def _vllm_model_dir() -> Path:
-    directory = os.environ.get(VLLM_MODEL_ENV)
-    if not directory:
-        pytest.skip(f"needs an embedded vLLM model: set {VLLM_MODEL_ENV} to a model directory")
-    path = Path(directory)
-    if not (path / "config.json").is_file():
-        pytest.skip(f"{VLLM_MODEL_ENV}={directory} is not a model directory (no config.json)")
-    return path
-
-
 # Engine start-up on CPU dominates this test; the queries themselves take a second.
 @pytest.mark.timeout(180)
 def test_every_vllm_panel_has_data(
-    prometheus_tools: PrometheusTools, fake_provider: FakeProvider, helios: HeliosFactory
+    prometheus_tools: PrometheusTools, fake_provider: FakeProvider, helios: HeliosFactory, demo_model_dir: Path,
+    tmp_path: Path,
 ) -> None:
     """With an embedded engine, the vLLM panels (and the gateway's own) return data for that model."""
-    model_dir = _vllm_model_dir()
+    model_dir = demo_model_dir
     tiny = {
         "name": "tiny",
         "backend": "vllm",
@@ -279,7 +268,7 @@ def test_every_vllm_panel_has_data(
         "kv_cache_memory_bytes": 64 * 2**20,
     }
     config = {"models": [tiny, *_remote_models(fake_provider)]}
-    gateway = helios(config)
+    gateway = helios(config, env=engine_env(tmp_path))
     gateway.wait_healthy("/ready", timeout=150)
     with PrometheusServer([_target(gateway)]) as prometheus:
 
