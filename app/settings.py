@@ -116,6 +116,8 @@ class OpenAIModelSettings(_ModelBase):
     connect_timeout: float = Field(10.0, gt=0)
     max_retries: int = Field(2, ge=0, le=10)
     extra_headers: dict[str, str] = Field(default_factory=dict)
+    organization: str | None = Field(None, description="OpenAI-Organization header (OpenAI only).")
+    project: str | None = Field(None, description="OpenAI-Project header (OpenAI only).")
 
     # Resolved at load time from api_key / api_key_env / api_key_file and base_url_env.
     _resolved_key: SecretStr | None = PrivateAttr(None)

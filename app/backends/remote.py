@@ -53,6 +53,10 @@ class RemoteBackend(Backend):
             max_retries=self.settings.max_retries,
             default_headers=self.settings.extra_headers or None,
         )
+        # The client fills these from OPENAI_ORG_ID / OPENAI_PROJECT_ID when unset, which would send one
+        # provider's account headers to every provider configured here.
+        self._client.organization = self.settings.organization
+        self._client.project = self.settings.project
 
     async def close(self) -> None:
         if self._client is not None:

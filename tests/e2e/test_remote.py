@@ -54,7 +54,7 @@ def gateway(fake_provider: FakeProvider) -> Iterator[HeliosProcess]:
              "headers": {"X-Custom": "yes"}},
         ],
     }
-    with HeliosProcess(config) as process:
+    with HeliosProcess(config, {"OPENAI_ORG_ID": "org-from-env"}) as process:
         yield process
 
 
@@ -85,6 +85,7 @@ def test_chat_non_streaming_relays_the_provider_answer(oa: openai.OpenAI, fake_p
     assert sent.body["n"] == 2 and sent.body["seed"] == 7
     assert sent.body["top_k"] == 5, "unmodelled provider extras must pass through"
     assert sent.headers["authorization"] == "Bearer sk-upstream-secret"
+    assert "openai-organization" not in sent.headers, "OPENAI_ORG_ID of the gateway's env must not leak"
     # Usage is the provider's own count (it counts words), relayed unchanged.
     usage = data["usage"]
     assert usage["prompt_tokens"] == 4
