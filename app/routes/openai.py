@@ -37,7 +37,8 @@ _JSON = "application/json"
 
 
 async def _read(model: type[_Request]) -> tuple[_Request, bytes]:
-    body = await request.data
+    # Not request.data: that also parses the body as a form, for nothing.
+    body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
     try:
         # Validating the bytes directly skips building Python objects for the whole body first.
         return model.model_validate_json(body), body
