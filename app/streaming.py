@@ -47,6 +47,15 @@ def _event(payload: bytes) -> bytes:
     return b"".join((_PREFIX, payload, _SUFFIX))
 
 
+def _events(batch: list[bytes]) -> bytes:
+    if len(batch) == 1:
+        return _event(batch[0])
+    parts: list[bytes] = []
+    for payload in batch:
+        parts += (_PREFIX, payload, _SUFFIX)
+    return b"".join(parts)
+
+
 async def _frame(chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator[bytes]:
     status = 200
     completed = False
@@ -57,13 +66,13 @@ async def _frame(chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator
         while True:
             waited = clock()
             try:
-                payload = await next_chunk()
+                batch = await next_chunk()
             except StopAsyncIteration:
                 break
             now = clock()
             observer.backend_seconds += now - waited
             observer.chunk_relayed(now)
-            yield _event(payload)
+            yield _events(batch)
             # Time spent suspended in the yield is the client (or its socket buffer) taking the bytes.
             done = clock()
             observer.client_seconds += done - now
@@ -100,8 +109,8 @@ def sse_response(chunks: ChunkStream, observer: StreamObserver) -> Response:
     return response
 
 
-async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The ``data`` payload of each event of an SSE byte stream, in order."""
+async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
+    """The ``data`` payloads of an SSE byte stream, in order, batched as they arrived."""
     buffer = b""
     async for chunk in chunks:
         buffer = buffer + chunk if buffer else chunk
@@ -110,14 +119,13 @@ async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         if b"\n\n" not in buffer:
             continue
         *events, buffer = buffer.split(b"\n\n")
-        for event in events:
-            data = _event_data(event)
-            if data is not None:
-                yield data
+        batch = [data for data in map(_event_data, events) if data is not None]
+        if batch:
+            yield batch
     if buffer.strip():
         data = _event_data(buffer.strip(b"\n"))
         if data is not None:
-            yield data
+            yield [data]
 
 
 def _event_data(event: bytes) -> bytes | None:

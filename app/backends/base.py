@@ -2,7 +2,8 @@
 
 Non-streaming calls return the finished JSON body as bytes. Streaming calls are awaited until the
 backend has accepted the request (so refusals become proper HTTP statuses) and then return an async
-iterator of chunk payloads: the JSON of one ``data:`` event each, framed by ``app.streaming``. An error
+iterator of batches of chunk payloads: the JSON of one ``data:`` event each, framed by ``app.streaming``.
+Chunks that are ready at the same moment travel as one batch, so they cost one write instead of many. An error
 raised while iterating is an :class:`app.errors.APIError` that the stream reports as an error event.
 """
 
@@ -14,7 +15,8 @@ from dataclasses import dataclass, field
 
 from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
-ChunkStream = AsyncIterator[bytes]
+#: batches of chunk payloads; the chunks of one batch were ready together and are written to the client at once
+ChunkStream = AsyncIterator[list[bytes]]
 
 
 @dataclass(slots=True)

@@ -159,26 +159,34 @@ class RemoteBackend(Backend):
 
     async def _relay(
         self, response: httpx2.Response, encoded_name: bytes, wants_usage: bool, stats: CallStats
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[list[bytes]]:
         finished = False
         try:
-            async for data in sse_data(response.aiter_bytes()):
-                if data == DONE:
-                    finished = True
+            async for batch in sse_data(response.aiter_bytes()):
+                relayed: list[bytes] = []
+                for data in batch:
+                    if data == DONE:
+                        finished = True
+                        break
+                    if _ERROR_EVENT.match(data):
+                        stats.error_kind = "stream_error"
+                        if relayed:
+                            yield relayed
+                        raise _error_from_body(_loads(data), 502)
+                    if _USAGE_OBJECT.search(data):
+                        chunk = _loads(data)
+                        usage = chunk.get("usage") or {}
+                        stats.prompt_tokens = usage.get("prompt_tokens")
+                        stats.completion_tokens = usage.get("completion_tokens")
+                        if not wants_usage and not chunk.get("choices"):
+                            continue
+                    if b'"finish_reason"' in data:
+                        stats.finish_reasons.extend(m.decode() for m in _FINISH_REASON.findall(data))
+                    relayed.append(replace_model(data, encoded_name))
+                if relayed:
+                    yield relayed
+                if finished:
                     break
-                if _ERROR_EVENT.match(data):
-                    stats.error_kind = "stream_error"
-                    raise _error_from_body(_loads(data), 502)
-                if _USAGE_OBJECT.search(data):
-                    chunk = _loads(data)
-                    usage = chunk.get("usage") or {}
-                    stats.prompt_tokens = usage.get("prompt_tokens")
-                    stats.completion_tokens = usage.get("completion_tokens")
-                    if not wants_usage and not chunk.get("choices"):
-                        continue
-                if b'"finish_reason"' in data:
-                    stats.finish_reasons.extend(m.decode() for m in _FINISH_REASON.findall(data))
-                yield replace_model(data, encoded_name)
         except httpx2.TimeoutException:
             stats.error_kind = "timeout"
             raise upstream_timeout(f"The provider for model '{self.name}' stopped sending mid-stream.") from None

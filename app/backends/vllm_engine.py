@@ -316,7 +316,7 @@ class VLLMBackend(Backend):
     async def _chat_chunks(
         self, generation: _Generation, request: ChatCompletionRequest, prompt_ids: list[int], served_as: str,
         request_id: str, stats: CallStats, slot: _Slot,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[list[bytes]]:
         created = int(time.time())
         n = request.n or 1
         fingerprint = self._fingerprint()
@@ -328,21 +328,24 @@ class VLLMBackend(Backend):
 
         completions: dict[int, Any] = {}
         try:
-            yield chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content="")) for i in range(n)])
+            yield [chunk([ChunkChoice(index=i, delta=ChunkDelta(role="assistant", content="")) for i in range(n)])]
             async for output in generation:
+                batch = []
                 for c in output.outputs:
                     completions[c.index] = _Count.add(completions.get(c.index), c)
                     finish = self._finish(c.finish_reason) if c.finish_reason else None
                     if finish:
                         stats.finish_reasons.append(finish)
-                    yield chunk([ChunkChoice(
+                    batch.append(chunk([ChunkChoice(
                         index=c.index, delta=ChunkDelta(content=c.text),
                         logprobs=self._chat_logprobs(c, top) if request.logprobs else None,
                         finish_reason=finish,
-                    )])
+                    )]))
+                if batch:
+                    yield batch
             usage = self._usage(stats, [prompt_ids], list(completions.values()))
             if request.wants_usage_chunk:
-                yield chunk([], usage)
+                yield [chunk([], usage)]
         finally:
             slot.release()
             await generation.close()
@@ -350,7 +353,7 @@ class VLLMBackend(Backend):
     async def _completion_chunks(
         self, generations: list[_Generation], request: CompletionRequest, prompts: list[list[int]],
         served_as: str, request_id: str, stats: CallStats, slot: _Slot,
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncIterator[list[bytes]]:
         created = int(time.time())
         n = request.n or 1
         fingerprint = self._fingerprint()
@@ -362,20 +365,23 @@ class VLLMBackend(Backend):
 
         try:
             async for p, output in _merge(generations):
+                batch = []
                 for c in output.outputs:
                     completions[p, c.index] = _Count.add(completions.get((p, c.index)), c)
                     finish = self._finish(c.finish_reason) if c.finish_reason else None
                     if finish:
                         stats.finish_reasons.append(finish)
-                    yield chunk([CompletionChoice(
+                    batch.append(chunk([CompletionChoice(
                         index=p * n + c.index, text=c.text,
                         logprobs=self._completion_logprobs(c, request.logprobs) if request.logprobs is not None
                         else None,
                         finish_reason=finish,
-                    )])
+                    )]))
+                if batch:
+                    yield batch
             usage = self._usage(stats, prompts, list(completions.values()))
             if request.wants_usage_chunk:
-                yield chunk([], usage)
+                yield [chunk([], usage)]
         finally:
             slot.release()
             for generation in generations:
