@@ -40,12 +40,15 @@ class Exchange:
         self.in_flight = True
         metrics.requests_in_flight.labels(model).inc()
 
-    def chunk_relayed(self, now: float) -> None:
+    def chunks_arrived(self, now: float) -> None:
+        # Inter-token latency is the backend's delivery cadence: what the client sees may be coalesced
+        # into fewer writes when it reads slower than tokens arrive.
         if self.last_chunk:
             metrics.inter_token_latency.labels(self.model).observe(now - self.last_chunk)
-        else:
-            metrics.time_to_first_token.labels(self.model).observe(now - self.started)
         self.last_chunk = now
+
+    def first_chunk_relayed(self, now: float) -> None:
+        metrics.time_to_first_token.labels(self.model).observe(now - self.started)
 
     def finish(self, status: int, *, disconnected: bool = False) -> None:
         if self.finished:

@@ -52,7 +52,7 @@ time_to_first_token = Histogram(
     ["model"], buckets=TTFT_BUCKETS,
 )
 inter_token_latency = Histogram(
-    "helios_inter_token_latency_seconds", "Time between consecutive streamed chunks relayed.",
+    "helios_inter_token_latency_seconds", "Time between consecutive streamed chunks arriving from the backend.",
     ["model"], buckets=ITL_BUCKETS,
 )
 prompt_tokens = Counter("helios_prompt_tokens", "Prompt tokens, as counted by the backend.", ["model"])

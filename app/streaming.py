@@ -22,6 +22,8 @@ log = logging.getLogger(__name__)
 
 _PREFIX = b"data: "
 _FAIR_SHARE = 0.002  # seconds a stream may run without letting other tasks in
+_QUEUED_BATCHES = 64  # batches read ahead of the client before the backend is made to wait
+_END = object()
 _SUFFIX = b"\n\n"
 DONE = b"[DONE]"
 _DONE_EVENT = b"data: [DONE]\n\n"
@@ -38,7 +40,9 @@ class StreamObserver(Protocol):
     backend_seconds: float
     client_seconds: float
 
-    def chunk_relayed(self, now: float) -> None: ...
+    def chunks_arrived(self, now: float) -> None: ...
+
+    def first_chunk_relayed(self, now: float) -> None: ...
 
     def finish(self, status: int, *, disconnected: bool = False) -> None: ...
 
@@ -56,30 +60,62 @@ def _events(batch: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+async def _pump(chunks: ChunkStream, queue: asyncio.Queue[object], observer: StreamObserver) -> None:
+    """Read the backend as fast as it produces, up to the queue's bound (then it waits: backpressure)."""
+    clock = time.perf_counter
+    try:
+        async for batch in chunks:
+            observer.chunks_arrived(clock())
+            await queue.put(batch)
+        await queue.put(_END)
+    except Exception as exc:  # handed to the writer, which reports it as an error event
+        await queue.put(exc)
+
+
+def _drain(queue: asyncio.Queue[object], first: object) -> tuple[list[bytes], object]:
+    """Every payload ready now, and what ended the stream (``_END`` or an exception) if that came too."""
+    payloads: list[bytes] = []
+    item = first
+    while True:
+        if not isinstance(item, list):
+            return payloads, item
+        payloads += item
+        if queue.empty():
+            return payloads, None
+        item = queue.get_nowait()
+
+
 async def _frame(chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator[bytes]:
+    # Reading and writing run apart: the writer takes everything that piled up while the client's socket
+    # was busy and sends it as one write, instead of one write (and one wake-up of the client) per chunk.
+    queue: asyncio.Queue[object] = asyncio.Queue(_QUEUED_BATCHES)
+    pump = asyncio.create_task(_pump(chunks, queue, observer))
     status = 200
-    completed = False
-    next_chunk = chunks.__anext__
+    completed = relayed = False
     clock = time.perf_counter
     last_pause = clock()
     try:
         while True:
             waited = clock()
-            try:
-                batch = await next_chunk()
-            except StopAsyncIteration:
-                break
+            first = await queue.get()
             now = clock()
             observer.backend_seconds += now - waited
-            observer.chunk_relayed(now)
-            yield _events(batch)
-            # Time spent suspended in the yield is the client (or its socket buffer) taking the bytes.
-            done = clock()
-            observer.client_seconds += done - now
-            # When the backend has chunks ready and the socket has room, no await above suspends, and a
-            # fast stream would hold the event loop until it ends: every other request, /metrics and
-            # /health included, would stall. Give way at least every few milliseconds.
-            if done - last_pause > _FAIR_SHARE:
+            payloads, end = _drain(queue, first)
+            if payloads:
+                if not relayed:
+                    observer.first_chunk_relayed(now)
+                    relayed = True
+                yield _events(payloads)
+                # Time spent suspended in the yield is the client (or its socket buffer) taking the bytes.
+                observer.client_seconds += clock() - now
+            if isinstance(end, BaseException):
+                raise end
+            if end is _END:
+                break
+            # When chunks are ready and the socket has room, no await above suspends, and a fast stream
+            # would hold the event loop until it ends: every other request, /metrics and /health included,
+            # would stall. Give way at least every few milliseconds.
+            if clock() - last_pause > _FAIR_SHARE:
                 await asyncio.sleep(0)
                 last_pause = clock()
         yield _DONE_EVENT
@@ -95,7 +131,10 @@ async def _frame(chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator
         completed = True
         yield _event(error.to_json())
     finally:
-        # Closing the backend's iterator is what releases the upstream request when the client leaves.
+        # Stopping the reader and closing the backend's iterator is what releases the upstream request
+        # (or aborts the engine's) when the client leaves.
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
