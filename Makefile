@@ -7,7 +7,7 @@ DEMO_MODEL ?= models/helios-demo-tiny
 # The embedded engine's build: the official GPU one where an NVIDIA GPU is present, else the CPU one.
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
 
-.PHONY: install install-engine demo-model run test lint format bench clean
+.PHONY: install install-engine demo-model run test test-images lint format bench bench-quick clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +39,17 @@ lint: install
 
 test: install-engine lint
 	$(PY) -m pytest
+
+# The cpu image (torch + vLLM, about 3 GB) takes minutes to build: its test runs apart from `make test`.
+test-images: install-engine
+	$(PY) -m pytest -m images tests/deploy
+
+# Gateway benchmarks against the direct path and LiteLLM's proxy (installed into bench/.venv-litellm).
+bench: install-engine
+	$(PY) -m bench.run
+
+bench-quick: install-engine
+	$(PY) -m bench.run --quick
 
 format: install
 	$(VENV)/bin/ruff check --fix app tests
