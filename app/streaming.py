@@ -64,9 +64,15 @@ async def _pump(chunks: ChunkStream, queue: asyncio.Queue[object], observer: Str
     """Read the backend as fast as it produces, up to the queue's bound (then it waits: backpressure)."""
     clock = time.perf_counter
     try:
+        first = True
         async for batch in chunks:
             observer.chunks_arrived(clock())
             await queue.put(batch)
+            if first:
+                # Let the writer send the first token now rather than after everything already buffered
+                # upstream has been read ahead; later chunks are better coalesced.
+                first = False
+                await asyncio.sleep(0)
         await queue.put(_END)
     except Exception as exc:  # handed to the writer, which reports it as an error event
         await queue.put(exc)
