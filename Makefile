@@ -7,7 +7,7 @@ DEMO_MODEL ?= models/helios-demo-tiny
 # The embedded engine's build: the official GPU one where an NVIDIA GPU is present, else the CPU one.
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
 
-.PHONY: install install-engine demo-model run test test-images lint format bench bench-quick clean
+.PHONY: install install-engine demo-model run test test-images lint format bench bench-quick bench-vllm clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ run: install-engine demo-model
 	$(VENV)/bin/helios-serve
 
 lint: install
-	$(VENV)/bin/ruff check app tests
+	$(VENV)/bin/ruff check app tests bench
 	$(VENV)/bin/mypy
 
 test: install-engine lint
@@ -44,16 +44,21 @@ test: install-engine lint
 test-images: install-engine
 	$(PY) -m pytest -m images tests/deploy
 
-# Gateway benchmarks against the direct path and LiteLLM's proxy (installed into bench/.venv-litellm).
-bench: install-engine
-	$(PY) -m bench.run
+# Gateway benchmarks against the direct path and LiteLLM's proxy (installed into bench/.venv-litellm);
+# BENCH_ARGS=--profile adds py-spy profiles. Results: bench/results/.
+bench: install
+	$(PY) -m bench.run $(BENCH_ARGS)
 
-bench-quick: install-engine
-	$(PY) -m bench.run --quick
+bench-quick: install
+	$(PY) -m bench.run --quick $(BENCH_ARGS)
+
+# The embedded engine against vLLM's own OpenAI server, same model and engine arguments.
+bench-vllm: install-engine
+	$(PY) -m bench.vllm_compare $(BENCH_ARGS)
 
 format: install
-	$(VENV)/bin/ruff check --fix app tests
-	$(VENV)/bin/ruff format app tests
+	$(VENV)/bin/ruff check --fix app tests bench
+	$(VENV)/bin/ruff format app tests bench
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .tools
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .tools bench/.venv-litellm bench/.cache

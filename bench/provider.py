@@ -1,0 +1,266 @@
+"""A fast imitation of an OpenAI provider, for benchmarking gateways in front of it.
+
+Raw asyncio protocol on uvloop, HTTP/1.1 with keep-alive. Serves:
+
+- ``POST /v1/chat/completions``: non-streaming, or streaming (SSE, chunked transfer encoding) with
+  ``--tokens`` content chunks (the request's ``max_tokens`` overrides it) and ``--delay`` seconds between
+  chunks (zero think time by default). With ``stream_options.include_usage`` every chunk carries
+  ``"usage":null`` and a last chunk with empty ``choices`` carries the usage, as OpenAI does.
+- ``GET /v1/models``, ``GET /health``.
+
+With no delay a whole response is built once per (kind, model, length, usage) and cached, so one
+request costs a header parse, a small ``json.loads`` and one ``transport.write``.
+
+    python -m bench.provider --port 9100 [--tokens 16] [--delay 0.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+from typing import Any, cast
+
+CREATED = 1_700_000_000
+_ID = "chatcmpl-bench0123456789"
+_FINGERPRINT = "fp_bench"
+_PROMPT_TOKENS = 12
+_MAX_TOKENS = 8192
+_HEADER_LIMIT = 65536
+
+
+def _head(status: str, content_type: str, length: int | None, close: bool) -> bytes:
+    lines = [f"HTTP/1.1 {status}", f"content-type: {content_type}", "x-bench-provider: 1"]
+    lines.append(f"content-length: {length}" if length is not None else "transfer-encoding: chunked")
+    if close:
+        lines.append("connection: close")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def _json_response(status: str, body: bytes, close: bool = False) -> bytes:
+    return _head(status, "application/json", len(body), close) + body
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def chat_body(model: str, tokens: int) -> bytes:
+    content = " ".join(f"tok{i}" for i in range(tokens))
+    return _dumps({
+        "id": _ID, "object": "chat.completion", "created": CREATED, "model": model,
+        "system_fingerprint": _FINGERPRINT,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
+                     "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": _PROMPT_TOKENS, "completion_tokens": tokens,
+                  "total_tokens": _PROMPT_TOKENS + tokens},
+    })
+
+
+def stream_events(model: str, tokens: int, include_usage: bool) -> list[bytes]:
+    """The SSE events of one streamed answer: role chunk, ``tokens`` content chunks, finish, usage, DONE."""
+    base: dict[str, Any] = {"id": _ID, "object": "chat.completion.chunk", "created": CREATED, "model": model,
+                            "system_fingerprint": _FINGERPRINT}
+    if include_usage:
+        base["usage"] = None
+
+    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
+        doc = dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+        return b"data: " + _dumps(doc) + b"\n\n"
+
+    events = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
+    events.extend(chunk({"content": f" tok{i}"}, None) for i in range(tokens))
+    events.append(chunk({}, "stop"))
+    if include_usage:
+        usage = {"prompt_tokens": _PROMPT_TOKENS, "completion_tokens": tokens,
+                 "total_tokens": _PROMPT_TOKENS + tokens}
+        events.append(b"data: " + _dumps(dict(base, choices=[], usage=usage)) + b"\n\n")
+    events.append(b"data: [DONE]\n\n")
+    return events
+
+
+def _chunked(event: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(event), event)
+
+
+_STREAM_HEAD = _head("200 OK", "text/event-stream; charset=utf-8", None, False)
+_CHUNKED_END = b"0\r\n\r\n"
+_HEALTH = _json_response("200 OK", b'{"status":"ok"}')
+_NOT_FOUND = _json_response("404 Not Found", _dumps(
+    {"error": {"message": "not found", "type": "invalid_request_error", "param": None, "code": None}}))
+_BAD_REQUEST = _json_response("400 Bad Request", _dumps(
+    {"error": {"message": "invalid JSON body", "type": "invalid_request_error", "param": None, "code": None}}),
+    close=True)
+
+
+class Provider:
+    """Settings and the response cache shared by all connections."""
+
+    def __init__(self, tokens: int, delay: float) -> None:
+        self.tokens = tokens
+        self.delay = delay
+        self._cache: dict[tuple[Any, ...], bytes] = {}
+        self.requests = 0
+
+    def models(self) -> bytes:
+        key = ("models",)
+        if key not in self._cache:
+            self._cache[key] = _json_response("200 OK", _dumps({"object": "list", "data": [
+                {"id": "gpt-4o", "object": "model", "created": CREATED, "owned_by": "bench"}]}))
+        return self._cache[key]
+
+    def chat(self, model: str, tokens: int) -> bytes:
+        key = ("chat", model, tokens)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = _json_response("200 OK", chat_body(model, tokens))
+        return found
+
+    def stream(self, model: str, tokens: int, usage: bool) -> bytes:
+        key = ("stream", model, tokens, usage)
+        found = self._cache.get(key)
+        if found is None:
+            events = stream_events(model, tokens, usage)
+            found = self._cache[key] = _STREAM_HEAD + b"".join(map(_chunked, events)) + _CHUNKED_END
+        return found
+
+
+class Connection(asyncio.Protocol):
+    def __init__(self, provider: Provider) -> None:
+        self.provider = provider
+        self.transport: asyncio.Transport | None = None
+        self.buffer = b""
+        self.busy: asyncio.Task[None] | None = None  # a paced stream is being written
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.busy is not None:
+            self.busy.cancel()
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer = self.buffer + data if self.buffer else data
+        if self.busy is None:
+            self._process()
+
+    def _process(self) -> None:
+        while self.transport is not None and self.busy is None:
+            buffer = self.buffer
+            end = buffer.find(b"\r\n\r\n")
+            if end == -1:
+                if len(buffer) > _HEADER_LIMIT:
+                    self.transport.close()
+                return
+            head = buffer[:end].decode("latin-1")
+            lines = head.split("\r\n")
+            parts = lines[0].split(" ")
+            if len(parts) != 3:
+                self.transport.close()
+                return
+            method, target = parts[0], parts[1]
+            length = 0
+            close = False
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                lname = name.strip().lower()
+                if lname == "content-length":
+                    length = int(value.strip())
+                elif lname == "connection" and value.strip().lower() == "close":
+                    close = True
+                elif lname == "transfer-encoding":
+                    self.transport.write(_BAD_REQUEST)
+                    self.transport.close()
+                    return
+            total = end + 4 + length
+            if len(buffer) < total:
+                return
+            body = buffer[end + 4:total]
+            self.buffer = buffer[total:]
+            self._respond(method, target.split("?", 1)[0], body)
+            if close and self.transport is not None:
+                self.transport.close()
+
+    def _respond(self, method: str, path: str, body: bytes) -> None:
+        transport = self.transport
+        assert transport is not None
+        provider = self.provider
+        provider.requests += 1
+        if method == "POST" and path.endswith("/chat/completions"):
+            try:
+                request = json.loads(body)
+                model = str(request.get("model") or "gpt-4o")
+                tokens = request.get("max_completion_tokens") or request.get("max_tokens") or provider.tokens
+                tokens = max(1, min(int(tokens), _MAX_TOKENS))
+            except (ValueError, TypeError, AttributeError):
+                transport.write(_BAD_REQUEST)
+                transport.close()
+                return
+            if not request.get("stream"):
+                transport.write(provider.chat(model, tokens))
+                return
+            options = request.get("stream_options") or {}
+            usage = bool(isinstance(options, dict) and options.get("include_usage"))
+            if provider.delay <= 0:
+                transport.write(provider.stream(model, tokens, usage))
+                return
+            self.busy = asyncio.get_running_loop().create_task(self._paced(model, tokens, usage))
+            return
+        if method == "GET" and path.endswith("/models"):
+            transport.write(provider.models())
+        elif method == "GET" and path in ("/health", "/v1/health"):
+            transport.write(_HEALTH)
+        else:
+            transport.write(_NOT_FOUND)
+
+    async def _paced(self, model: str, tokens: int, usage: bool) -> None:
+        try:
+            events = stream_events(model, tokens, usage)
+            delay = self.provider.delay
+            if self.transport is None:
+                return
+            self.transport.write(_STREAM_HEAD + _chunked(events[0]))
+            for event in events[1:]:
+                await asyncio.sleep(delay)
+                if self.transport is None:
+                    return
+                self.transport.write(_chunked(event))
+            self.transport.write(_CHUNKED_END)
+        finally:
+            self.busy = None
+        self._process()
+
+
+async def serve(host: str, port: int, tokens: int, delay: float, ready: asyncio.Event | None = None) -> None:
+    provider = Provider(tokens, delay)
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Connection(provider), host, port, backlog=1024, reuse_address=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    async with server:
+        await stop.wait()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Fast OpenAI provider imitation for benchmarks.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=9100)
+    parser.add_argument("--tokens", type=int, default=16, help="completion tokens (chunks when streaming)")
+    parser.add_argument("--delay", type=float, default=0.0, help="seconds between streamed chunks")
+    args = parser.parse_args()
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is a dependency of the gateway's venv
+        runner = asyncio.run
+    runner(serve(args.host, args.port, args.tokens, args.delay))
+
+
+if __name__ == "__main__":
+    main()
