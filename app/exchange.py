@@ -10,6 +10,8 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from prometheus_client import Histogram
+
 from app import metrics
 from app.backends.base import CallStats
 
@@ -33,6 +35,8 @@ class Exchange:
     last_chunk: float = 0.0
     in_flight: bool = False
     finished: bool = False
+    # The labelled histogram child, looked up once per stream rather than once per chunk.
+    _itl: Histogram | None = None
 
     def serving(self, model: str) -> None:
         """The request was routed to the configured model ``model``: count it in flight."""
@@ -44,7 +48,9 @@ class Exchange:
         # Inter-token latency is the backend's delivery cadence: what the client sees may be coalesced
         # into fewer writes when it reads slower than tokens arrive.
         if self.last_chunk:
-            metrics.inter_token_latency.labels(self.model).observe(now - self.last_chunk)
+            if self._itl is None:
+                self._itl = metrics.inter_token_latency.labels(self.model)
+            self._itl.observe(now - self.last_chunk)
         self.last_chunk = now
 
     def first_chunk_relayed(self, now: float) -> None:
