@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import re
 import tomllib
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -33,6 +32,8 @@ from pydantic_settings import (
     SettingsError,
     TomlConfigSettingsSource,
 )
+
+from app.errors import param_path
 
 ENV_PREFIX = "HELIOS_"
 CONFIG_ENV = "HELIOS_CONFIG"
@@ -314,20 +315,13 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _dotted(loc: Iterable[int | str]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
 def _describe_validation_error(
     exc: ValidationError, toml_data: dict[str, Any], path: Path, overrides: dict[str, Any]
 ) -> str:
     error = exc.errors(include_url=False)[0]
     # Tagged unions put the tag in the location ("models.0.openai.name"); users never wrote it.
     loc = [p for p in error["loc"] if not (isinstance(p, str) and p in BACKENDS)]
-    setting = _dotted(loc) or "settings"
+    setting = param_path(loc) or "settings"
     message = error["msg"]
     if error["type"] == "union_tag_invalid":
         message = f"unknown backend {error['input'].get('backend')!r}; expected one of: {', '.join(BACKENDS)}"

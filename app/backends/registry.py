@@ -9,7 +9,6 @@ from functools import partial
 
 from app import fatal
 from app.backends.base import Backend
-from app.errors import model_not_found
 from app.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -36,11 +35,9 @@ class Registry:
             for served in model.served_names:
                 self._by_name[served] = backend
 
-    def get(self, name: str) -> Backend:
-        backend = self._by_name.get(name)
-        if backend is None:
-            raise model_not_found(name)
-        return backend
+    def find(self, name: str) -> Backend | None:
+        """The backend serving ``name`` (a model name or alias), if any."""
+        return self._by_name.get(name)
 
     def served_names(self) -> dict[str, Backend]:
         return self._by_name
@@ -48,9 +45,6 @@ class Registry:
     def describe(self) -> list[tuple[str, str, str]]:
         """(name, backend kind, upstream model) of every configured model."""
         return [(m.name, m.backend, m.upstream_name) for m in self._models]
-
-    def is_known(self, name: str) -> bool:
-        return name in self._by_name
 
     async def start(self) -> None:
         """Start every backend in the background: /health answers while a slow one loads, and /ready

@@ -122,7 +122,7 @@ class RemoteBackend(Backend):
         for choice in data.get("choices") or ():
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 stats.finish_reasons.append(choice["finish_reason"])
-        return replace_model(content, self._encoded_names.get(served_as) or encode_string(served_as))
+        return replace_model(content, self._encoded_names[served_as])
 
     async def _stream(
         self,
@@ -154,7 +154,7 @@ class RemoteBackend(Backend):
                 else upstream_unavailable(
                     f"The provider for model '{self.name}' answered a stream request with '{content_type}'."
                 )
-        return self._relay(response, self._encoded_names.get(served_as) or encode_string(served_as),
+        return self._relay(response, self._encoded_names[served_as],
                            wants_usage, stats)
 
     async def _relay(

@@ -48,11 +48,10 @@ async def _read(model: type[_Request]) -> tuple[_Request, bytes]:
 
 def _backend(model: str) -> Backend:
     exchange: Exchange = g.exchange
-    registry = app_state().registry
-    if not registry.is_known(model):
+    backend = app_state().registry.find(model)
+    if backend is None:
         exchange.model = metrics.UNKNOWN_MODEL
         raise model_not_found(model)
-    backend = registry.get(model)
     exchange.serving(backend.name)
     reason = backend.not_ready_reason()
     if reason is not None:
@@ -132,9 +131,10 @@ async def list_models() -> Response:
 async def get_model(model: str) -> Response:
     """One model by name or alias."""
     registry = app_state().registry
-    if not registry.is_known(model):
+    backend = registry.find(model)
+    if backend is None:
         raise model_not_found(model)
-    return _json(model_card(model, registry.get(model), registry.created).model_dump_json().encode())
+    return _json(model_card(model, backend, registry.created).model_dump_json().encode())
 
 
 def model_card(name: str, backend: Backend, created: int) -> ModelCard:
