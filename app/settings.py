@@ -200,9 +200,20 @@ class VLLMModelSettings(_ModelBase):
     @model_validator(mode="after")
     def _template_exists(self) -> VLLMModelSettings:
         template = self.chat_template
-        if template is not None and "{{" not in template and "{%" not in template and not Path(template).is_file():
+        if template is not None and not _is_inline_template(template) and not Path(template).is_file():
             raise ValueError(f"chat_template file {template!r} does not exist")
         return self
+
+    def chat_template_text(self) -> str | None:
+        """The chat template override itself: given inline, or read from its file."""
+        template = self.chat_template
+        if template is None or _is_inline_template(template):
+            return template
+        return Path(template).read_text(encoding="utf-8")
+
+
+def _is_inline_template(value: str) -> bool:
+    return "{{" in value or "{%" in value
 
 
 ModelSettings = Annotated[OpenAIModelSettings | VLLMModelSettings, Field(discriminator="backend")]

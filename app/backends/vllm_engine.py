@@ -15,7 +15,6 @@ import time
 import uuid
 import weakref
 from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
 from typing import Any
 
 from app import metrics
@@ -57,7 +56,7 @@ class VLLMBackend(Backend):
         self._engine: Any = None
         self._tokenizer: Any = None
         self._vllm: Any = None  # the imported vllm names we need, see _import_vllm
-        self._template: str | None = _read_template(settings.chat_template)
+        self._template = settings.chat_template_text()
         self._max_model_len = 0
         self._max_logprobs = 0
         self._capacity = 0
@@ -568,12 +567,6 @@ def _template_message(index: int, message: dict[str, Any]) -> dict[str, Any]:
                                       f"messages[{index}].content[{j}]")
         message["content"] = "\n".join(texts)
     return message
-
-
-def _read_template(template: str | None) -> str | None:
-    if template is None or "{{" in template or "{%" in template:
-        return template
-    return Path(template).read_text(encoding="utf-8")
 
 
 def _client_error(exc: BaseException) -> APIError:
