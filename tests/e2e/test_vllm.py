@@ -33,10 +33,12 @@ def gateway(
     demo_model_dir: Path, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[HeliosProcess]:
     scratch = tmp_path_factory.mktemp("vllm")
+    template = scratch / "override.jinja"
+    template.write_text(_override_template(demo_model_dir))
     config = {
         "models": [
             {"name": MODEL, "aliases": ["tiny-alias"], "model": str(demo_model_dir), **ENGINE_SETTINGS,
-             "max_num_seqs": 8, "max_queue_depth": 8, "retry_after": 2},
+             "max_num_seqs": 8, "max_queue_depth": 8, "retry_after": 2, "chat_template": str(template)},
             remote_model(fake_provider, "remote", "gpt-4o"),
         ],
     }
@@ -46,6 +48,16 @@ def gateway(
         yield process
     finally:
         process.close()
+
+
+TEMPLATE_CHECK = "helios-template-check"
+
+
+def _override_template(model_dir: Path) -> str:
+    """The model's own template, plus words that only a conversation opening with TEMPLATE_CHECK gets:
+    the override is observable without changing what any other test renders."""
+    own = (model_dir / "chat_template.jinja").read_text()
+    return f"{{% if messages[0]['content'] == '{TEMPLATE_CHECK}' %}}chat template override in use{{% endif %}}{own}"
 
 
 @pytest.fixture()
@@ -94,6 +106,15 @@ def test_prompt_tokens_match_the_templated_prompt(oa: openai.OpenAI, demo_model_
     expected = len(tokenizer.encode(text, add_special_tokens=False))
     reply = oa.chat.completions.create(model=MODEL, messages=messages, max_tokens=2)
     assert reply.usage is not None and reply.usage.prompt_tokens == expected
+    # The configured chat_template override is the one applied.
+    check = [{"role": "user", "content": TEMPLATE_CHECK}]
+    own = len(tokenizer.apply_chat_template(check, add_generation_prompt=True, tokenize=True))
+    override = _override_template(demo_model_dir)
+    overridden = tokenizer.encode(tokenizer.apply_chat_template(
+        check, chat_template=override, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
+    assert len(overridden) > own
+    reply = oa.chat.completions.create(model=MODEL, messages=check, max_tokens=2)
+    assert reply.usage is not None and reply.usage.prompt_tokens == len(overridden)
     prompt_ids = tokenizer.encode("one two three")
     completion = oa.completions.create(model=MODEL, prompt="one two three", max_tokens=2)
     assert completion.usage is not None and completion.usage.prompt_tokens == len(prompt_ids)
@@ -276,7 +297,7 @@ def test_requests_beyond_the_queue_limit_get_429(gateway: HeliosProcess, oa: ope
 
 def test_client_disconnect_aborts_the_engine_request(gateway: HeliosProcess) -> None:
     async def disconnect_mid_stream() -> float:
-        body = {"model": MODEL, "messages": USER, "max_tokens": 480, "n": 8, "stream": True, **EXACT}
+        body = {"model": MODEL, "messages": USER, "max_tokens": 480, "n": 16, "stream": True, **EXACT}
         async with (
             httpx2.AsyncClient(base_url=gateway.base_url, timeout=60) as http,
             http.stream("POST", "/v1/chat/completions", json=body) as response,
@@ -287,7 +308,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: HeliosProcess) -> 
             # Leaving the block closes the connection mid-stream.
         return _sample(scrape.text, "helios_engine_requests", f'model="{MODEL}"')
 
-    # Eight long choices keep the engine busy for seconds, so the disconnect lands mid-generation.
+    # Sixteen long choices keep the engine busy for seconds, so the disconnect lands mid-generation.
     assert asyncio.run(disconnect_mid_stream()) >= 1
     eventually(lambda: _metric(gateway, "helios_engine_requests", f'model="{MODEL}"') == 0, 10,
                "the engine request to be aborted")
