@@ -38,6 +38,7 @@ def gateway(fake_provider: FakeProvider) -> Iterator[HeliosProcess]:
             remote_model(fake_provider, "long", "chunks-300"),
             remote_model(fake_provider, "slowstream", "slow-chunks-20"),
             remote_model(fake_provider, "midstream", "midstream-fail"),
+            remote_model(fake_provider, "stalls", "slow-chunks-1500", timeout=0.5),
             remote_model(fake_provider, "e400", "error-400"),
             remote_model(fake_provider, "e401", "error-401"),
             remote_model(fake_provider, "e429", "error-429"),
@@ -348,12 +349,25 @@ def test_midstream_failure_is_an_error_event_not_a_fake_stop(oa: openai.OpenAI) 
     assert b"[DONE]" not in payloads
     last = json.loads(payloads[-1])
     validate("ErrorResponse", last)
+    # The provider reset the connection: a broken upstream (502), not a slow one.
+    assert (last["error"]["type"], last["error"]["code"]) == ("upstream_error", "bad_gateway")
     for payload in payloads[:-1]:
         chunk = json.loads(payload)
         assert all(c["finish_reason"] is None for c in chunk["choices"]), "no fake finish_reason"
     with pytest.raises(openai.APIError):
         for _ in oa.chat.completions.create(model="midstream", messages=USER, stream=True):
             pass
+
+
+def test_stalled_stream_is_a_timeout_event(oa: openai.OpenAI) -> None:
+    # The provider sends a chunk, then nothing for longer than the model's timeout.
+    payloads = stream_payloads(oa, model="stalls", messages=USER)
+    assert b"[DONE]" not in payloads
+    last = json.loads(payloads[-1])
+    validate("ErrorResponse", last)
+    assert (last["error"]["type"], last["error"]["code"]) == ("timeout_error", "upstream_timeout")
+    assert "stopped sending" in last["error"]["message"]
+    assert len(payloads) >= 2, "the chunk sent before the stall is relayed"
 
 
 def test_readiness_names_the_model_without_key(gateway: HeliosProcess) -> None:
