@@ -56,6 +56,13 @@ def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, bool]]:
     return out
 
 
+def _scraped_names() -> set[tuple[str, int]]:
+    """(name, port) of the DNS names the compose stack's Prometheus scrapes."""
+    scrape = yaml.safe_load((REPO_ROOT / "config/prometheus/prometheus.yml").read_text())
+    return {(name, sd["port"]) for job in scrape["scrape_configs"] for sd in job.get("dns_sd_configs", [])
+            for name in sd["names"]}
+
+
 def test_compose_config_default_stack() -> None:
     config = _config()
     services = config["services"]
@@ -78,8 +85,8 @@ def test_compose_config_default_stack() -> None:
     assert prometheus["image"].startswith("prom/prometheus")
     assert _mounts(prometheus)["/etc/prometheus"] == ("config/prometheus", True)
     scrape = yaml.safe_load((REPO_ROOT / "config/prometheus/prometheus.yml").read_text())
-    targets = [t for job in scrape["scrape_configs"] for sc in job["static_configs"] for t in sc["targets"]]
-    assert "helios:8000" in targets
+    # Found by DNS, by service name, on the container port (helios-gpu: see the gpu profile test).
+    assert ("helios", 8000) in _scraped_names()
     assert "/etc/prometheus/alerts.yml" in scrape["rule_files"]
 
     grafana = services["grafana"]
@@ -96,6 +103,9 @@ def test_compose_config_default_stack() -> None:
 def test_compose_config_gpu_profile() -> None:
     services = _config("--profile", "gpu")["services"]
     gpu = services["helios-gpu"]
+    # Prometheus scrapes it too, by name, when the profile runs (and finds no target when it does not).
+    assert [p["target"] for p in gpu["ports"]] == [8000]
+    assert ("helios-gpu", 8000) in _scraped_names()
     assert gpu["build"]["target"] == "gpu" and gpu["image"].endswith("-gpu")
     devices = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert devices[0]["driver"] == "nvidia" and devices[0]["capabilities"] == ["gpu"]

@@ -30,14 +30,23 @@ def _alert_rules() -> list[dict[str, Any]]:
 
 
 def test_scrape_config_targets_the_gateway() -> None:
-    """One job scraping helios:8000/metrics every 15s, rules read from the compose mount."""
+    """One job scraping helios:8000 and helios-gpu:8000 /metrics every 15s, rules read from the compose mount.
+
+    Both compose services are found by DNS (a service that is not running resolves to nothing, so it is no
+    target rather than a target that is always down), and named by service rather than by container IP.
+    """
     config = load_yaml(PROMETHEUS_CONFIG)
     assert config["rule_files"] == [f"{COMPOSE_DIR}/{ALERTS.name}"]
     (job,) = config["scrape_configs"]
     assert job["job_name"] == "helios-serve"
     assert job.get("metrics_path", "/metrics") == "/metrics"
     assert job.get("scrape_interval", config["global"]["scrape_interval"]) == "15s"
-    assert job["static_configs"] == [{"targets": ["helios:8000"]}]
+    assert "static_configs" not in job, "a static helios-gpu target would be down whenever the gpu profile is off"
+    (dns,) = job["dns_sd_configs"]
+    assert dns["names"] == ["helios", "helios-gpu"] and dns.get("type", "SRV") == "A" and dns["port"] == 8000
+    (relabel,) = job["relabel_configs"]
+    assert relabel["source_labels"] == ["__meta_dns_name"] and relabel["target_label"] == "instance"
+    assert relabel["replacement"] == "${1}:8000"
 
 
 def test_promtool_check_config(prometheus_tools: PrometheusTools, tmp_path: Path) -> None:
