@@ -64,15 +64,9 @@ async def _pump(chunks: ChunkStream, queue: asyncio.Queue[object], observer: Str
     """Read the backend as fast as it produces, up to the queue's bound (then it waits: backpressure)."""
     clock = time.perf_counter
     try:
-        first = True
         async for batch in chunks:
             observer.chunks_arrived(clock())
             await queue.put(batch)
-            if first:
-                # Let the writer send the first token now rather than after everything already buffered
-                # upstream has been read ahead; later chunks are better coalesced.
-                first = False
-                await asyncio.sleep(0)
         await queue.put(_END)
     except Exception as exc:  # handed to the writer, which reports it as an error event
         await queue.put(exc)
@@ -91,26 +85,28 @@ def _drain(queue: asyncio.Queue[object], first: object) -> tuple[list[bytes], ob
         item = queue.get_nowait()
 
 
-async def _frame(chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator[bytes]:
-    # Reading and writing run apart: the writer takes everything that piled up while the client's socket
-    # was busy and sends it as one write, instead of one write (and one wake-up of the client) per chunk.
-    queue: asyncio.Queue[object] = asyncio.Queue(_QUEUED_BATCHES)
-    pump = asyncio.create_task(_pump(chunks, queue, observer))
+async def _frame(first: list[bytes], chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator[bytes]:
     status = 200
-    completed = relayed = False
+    completed = False
     clock = time.perf_counter
-    last_pause = clock()
+    # Reading and writing run apart after the first batch: the writer takes everything that piled up while
+    # the client's socket was busy and sends it as one write, instead of one write (and one wake-up of the
+    # client) per chunk. The first batch goes out without waiting for the reader task to start.
+    queue: asyncio.Queue[object] = asyncio.Queue(_QUEUED_BATCHES)
+    pump: asyncio.Task[None] | None = None
     try:
+        if first:
+            observer.first_chunk_relayed(clock())
+            yield _events(first)
+        pump = asyncio.create_task(_pump(chunks, queue, observer))
+        last_pause = clock()
         while True:
             waited = clock()
-            first = await queue.get()
+            item = await queue.get()
             now = clock()
             observer.backend_seconds += now - waited
-            payloads, end = _drain(queue, first)
+            payloads, end = _drain(queue, item)
             if payloads:
-                if not relayed:
-                    observer.first_chunk_relayed(now)
-                    relayed = True
                 yield _events(payloads)
                 # Time spent suspended in the yield is the client (or its socket buffer) taking the bytes.
                 observer.client_seconds += clock() - now
@@ -139,16 +135,31 @@ async def _frame(chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator
     finally:
         # Stopping the reader and closing the backend's iterator is what releases the upstream request
         # (or aborts the engine's) when the client leaves.
-        pump.cancel()
-        await asyncio.gather(pump, return_exceptions=True)
+        if pump is not None:
+            pump.cancel()
+            await asyncio.gather(pump, return_exceptions=True)
         aclose = getattr(chunks, "aclose", None)
         if aclose is not None:
             await aclose()
         observer.finish(status, disconnected=not completed)
 
 
-def sse_response(chunks: ChunkStream, observer: StreamObserver) -> Response:
-    response = Response(_frame(chunks, observer), status=200, headers=SSE_HEADERS)
+async def sse_response(chunks: ChunkStream, observer: StreamObserver) -> Response:
+    """The stream as an SSE response, once its first batch is in.
+
+    Until then nothing is committed: a backend that fails before its first chunk (a refusal, an error
+    event first thing) still answers with its own HTTP status and error body, and the first chunk leaves
+    right behind the headers.
+    """
+    clock = time.perf_counter
+    waited = clock()
+    try:
+        first: list[bytes] = await anext(chunks, [])
+    finally:
+        observer.backend_seconds += clock() - waited
+    if first:
+        observer.chunks_arrived(clock())
+    response = Response(_frame(first, chunks, observer), status=200, headers=SSE_HEADERS)
     # Quart cuts responses after RESPONSE_TIMEOUT by default; a long generation is not a hung one.
     response.timeout = None
     return response

@@ -73,10 +73,12 @@ def _json(body: bytes) -> Response:
     return Response(body, status=200, content_type=_JSON)
 
 
-def _stream(chunks: ChunkStream) -> Response:
+async def _stream(chunks: ChunkStream) -> Response:
     exchange: Exchange = g.exchange
+    response = await sse_response(chunks, exchange)
+    # From here the stream reports its own end; a failure before its first chunk was an ordinary error.
     exchange.stream = True
-    return sse_response(chunks, exchange)
+    return response
 
 
 @blueprint.post("/chat/completions")
@@ -89,7 +91,7 @@ async def chat_completions() -> Response:
     backend = _backend(req.model)
     stats = g.exchange.stats
     if req.stream:
-        return _stream(await _timed(backend.chat_stream(req, body, req.model, stats)))
+        return await _stream(await _timed(backend.chat_stream(req, body, req.model, stats)))
     return _json(await _timed(backend.chat(req, body, req.model, stats)))
 
 
@@ -103,7 +105,7 @@ async def completions() -> Response:
     backend = _backend(req.model)
     stats = g.exchange.stats
     if req.stream:
-        return _stream(await _timed(backend.completion_stream(req, body, req.model, stats)))
+        return await _stream(await _timed(backend.completion_stream(req, body, req.model, stats)))
     return _json(await _timed(backend.completion(req, body, req.model, stats)))
 
 

@@ -40,10 +40,13 @@ def _series(text: str) -> Series:
 
 def test_request_generation_and_upstream_series(helios: HeliosFactory, fake_provider: FakeProvider) -> None:
     gateway = helios({"models": [remote_model(fake_provider, "m", "gpt-4o"),
+                                 remote_model(fake_provider, "m-paced", "slow-chunks-5"),
                                  remote_model(fake_provider, "broken", "error-500", max_retries=2)]})
     oa = client(gateway.base_url)
     oa.chat.completions.create(model="m", messages=USER)
     stream_payloads(oa, model="m", messages=USER)
+    # Chunks 5 ms apart arrive one read each: every gap after the first chunk is an inter-token latency.
+    stream_payloads(oa, model="m-paced", messages=USER, max_tokens=6)
     with pytest.raises(openai.InternalServerError):
         oa.chat.completions.create(model="broken", messages=USER)
     text = httpx2.get(f"{gateway.base_url}/metrics").text
@@ -52,14 +55,16 @@ def test_request_generation_and_upstream_series(helios: HeliosFactory, fake_prov
     assert _value(text, "helios_requests_total", model="broken", route=route, status="502") == 1
     assert _value(text, "helios_request_duration_seconds_count", model="m", route=route) == 2
     assert _value(text, "helios_time_to_first_token_seconds_count", model="m") == 1
-    assert _value(text, "helios_inter_token_latency_seconds_count", model="m") >= 3
+    assert _value(text, "helios_time_to_first_token_seconds_count", model="m-paced") == 1
+    assert _value(text, "helios_inter_token_latency_seconds_count", model="m-paced") >= 5
+    assert _value(text, "helios_inter_token_latency_seconds_sum", model="m-paced") >= 0.004 * 5
     assert _value(text, "helios_prompt_tokens_total", model="m") == 4  # the provider counts 2 words, twice
     assert _value(text, "helios_completion_tokens_total", model="m") > 0
     assert _value(text, "helios_finish_reasons_total", model="m", reason="stop") == 2
     assert _value(text, "helios_upstream_request_duration_seconds_count", model="m") == 2
     assert _value(text, "helios_upstream_errors_total", model="broken", kind="status_5xx") == 1
     assert _value(text, "helios_upstream_retries_total", model="broken") == 2
-    assert _value(text, "helios_overhead_seconds_count", route=route) == 3
+    assert _value(text, "helios_overhead_seconds_count", route=route) == 4
     assert _value(text, "helios_requests_in_flight", model="m") == 0
     assert _value(text, "helios_backend_ready", model="m") == 1
     assert _value(text, "helios_model_info", model="m", backend="openai", upstream_model="gpt-4o") == 1

@@ -39,6 +39,7 @@ def gateway(fake_provider: FakeProvider) -> Iterator[HeliosProcess]:
             remote_model(fake_provider, "slowstream", "slow-chunks-20"),
             remote_model(fake_provider, "midstream", "midstream-fail"),
             remote_model(fake_provider, "stalls", "slow-chunks-1500", timeout=0.5),
+            remote_model(fake_provider, "error-first", "error-event"),
             remote_model(fake_provider, "e400", "error-400"),
             remote_model(fake_provider, "e401", "error-401"),
             remote_model(fake_provider, "e429", "error-429"),
@@ -342,6 +343,15 @@ def test_streaming_refusals_keep_their_status(oa: openai.OpenAI) -> None:
     with pytest.raises(openai.InternalServerError) as down:
         oa.chat.completions.create(model="down", messages=USER, stream=True)
     assert down.value.status_code == 502
+
+
+def test_stream_failing_before_its_first_chunk_gets_an_http_status(oa: openai.OpenAI) -> None:
+    # Nothing was sent to the client yet, so the provider's error event becomes a real error response.
+    with pytest.raises(openai.InternalServerError) as failed:
+        oa.chat.completions.create(model="error-first", messages=USER, stream=True)
+    assert failed.value.status_code == 502
+    error = _error(failed.value)
+    assert (error["message"], error["code"]) == ("The model is overloaded.", "overloaded")
 
 
 def test_midstream_failure_is_an_error_event_not_a_fake_stop(oa: openai.OpenAI) -> None:

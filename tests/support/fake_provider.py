@@ -8,6 +8,8 @@ Behaviour is picked by the request's ``model`` field:
 * ``garbage``: 200, ``application/json`` content type, body ``<<<not json``
 * ``slow-N``: sleep N seconds (float allowed) before answering
 * ``midstream-fail``: a few chunks (or half a JSON body), then the TCP connection is aborted
+* ``error-event``: streams answer 200 with an OpenAI ``error`` event as their only event (as providers do
+  when a stream fails after the status was sent); non-streaming requests are answered normally
 * ``slow-chunks-MS``: a 1000-word stream with MS milliseconds between chunks
 
 Served ``model`` fields are the requested name plus :data:`MODEL_SUFFIX`, so tests can
@@ -67,7 +69,7 @@ TOOL_ARGUMENT_FRAGMENTS = ('{"', "city", '":"', "Paris", '"}')
 FAKE_MODELS = ("gpt-4o", "gpt-4o-mini", "text-embedding-3-small")
 
 Json = dict[str, Any]
-BehaviourKind = Literal["normal", "error", "garbage", "midstream_fail"]
+BehaviourKind = Literal["normal", "error", "garbage", "midstream_fail", "error_event"]
 StreamOutcome = Literal["completed", "disconnected", "aborted"]
 
 _ERROR_BODIES: dict[int, tuple[str, str, str | None, str | None]] = {
@@ -155,6 +157,8 @@ def parse_behaviour(model: str) -> Behaviour:
         return Behaviour(kind="garbage")
     if model == "midstream-fail":
         return Behaviour(kind="midstream_fail")
+    if model == "error-event":
+        return Behaviour(kind="error_event")
     if match := re.fullmatch(r"error-(\d{3})", model):
         return Behaviour(kind="error", status=int(match[1]))
     if match := re.fullmatch(r"slow-chunks-(\d+(?:\.\d+)?)", model):
@@ -918,6 +922,13 @@ class FakeProvider:
         response.charset = "utf-8"
         try:
             await response.prepare(request)
+            if behaviour.kind == "error_event":
+                event = {"error": {"message": "The model is overloaded.", "type": "server_error",
+                                   "param": None, "code": "overloaded"}}
+                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+                await response.write_eof()
+                self._finish(record, "completed")
+                return response
             for chunk in chunks:
                 if behaviour.kind == "midstream_fail" and record.chunks_sent >= MIDSTREAM_FAIL_CHUNKS:
                     # Give the kernel the chunks already written, then reset without [DONE].
