@@ -297,7 +297,6 @@ def latency_table(title: str, stats: dict[str, dict[str, Any]], direct: str = "d
 
 
 @dataclass
-@dataclass
 class Plan:
     rounds: int
     duration: float  # seconds per wrk segment
@@ -308,12 +307,13 @@ class Plan:
     soak_requests: int
     soak_interval: float
     warmup: int
+    client_floor_calls: int
 
 
 QUICK = Plan(rounds=2, duration=2, stream_c1_count=40, stream_c16_count=64, stream_seconds=2.5, open_seconds=2,
-             soak_requests=3_000, soak_interval=2, warmup=200)
+             soak_requests=3_000, soak_interval=2, warmup=200, client_floor_calls=500)
 FULL = Plan(rounds=3, duration=8, stream_c1_count=200, stream_c16_count=400, stream_seconds=15, open_seconds=8,
-            soak_requests=100_000, soak_interval=10, warmup=1000)
+            soak_requests=100_000, soak_interval=10, warmup=1000, client_floor_calls=3000)
 
 
 def interleave(rounds: int, targets: list[Target], step: Callable[[Target], Any]) -> dict[str, list[Any]]:
@@ -566,10 +566,45 @@ class Bench:
                           result["rss_end_mb"], result["rss_max_mb"], result["rss_growth_mb"]]]))
         self.emit("RSS samples (s: MB): " + ", ".join(f"{t:.0f}: {r:.1f}" for t, r in result["samples"]))
 
+    def start_floors(self) -> None:
+        """Hypercorn alone and Hypercorn + Quart with fixed answers (bench/floors.py), measured like gateways."""
+        for kind in ("asgi", "quart"):
+            port = procs.free_port()
+            service = procs.Service(f"floor-{kind}", [PYTHON, "-m", "bench.floors", "serve", "--app", kind,
+                                                      "--port", str(port)],
+                                    port, "/health", cwd=str(ROOT), log_path=self.workdir / f"floor-{kind}.log")
+            service.start()
+            self.services.append(service)
+            self.targets[service.name] = Target(service.name, port, "m", service, service.pid)
+
+    def client_floor(self) -> None:
+        direct = self.targets["direct"]
+        done = subprocess.run([PYTHON, "-m", "bench.floors", "client", "--port", str(direct.port), "--calls",
+                               str(self.plan.client_floor_calls)], cwd=ROOT, capture_output=True, text=True,
+                              check=True, timeout=600)
+        floors: dict[str, dict[str, float]] = json.loads(done.stdout.strip().splitlines()[-1])
+        self.report["scenarios"]["client_floor"] = floors
+        rows = [[transport, f["call_cpu_us"], f["call_wall_us"], f["stream_first_chunk_cpu_us"],
+                 f["stream_first_chunk_wall_us"]] for transport, f in floors.items()]
+        self.emit(table("Floor of every provider call: the openai client alone, back to back against the provider "
+                        "imitation (bench/floors.py)",
+                        ["transport", "call CPU us", "call wall us", "stream to 1st chunk CPU us",
+                         "stream to 1st chunk wall us"], rows))
+
     def scenarios(self) -> None:
         abc = self.pick("direct", "helios-w1", "litellm")
         abcd = self.pick("direct", "helios-w1", "helios-w2", "litellm")
-        self.wrk_scenario("nonstream_c1", "Non-streaming chat, concurrency 1 (wrk, closed loop): latency", 1, abc)
+        c1 = self.wrk_scenario("nonstream_c1", "Non-streaming chat, concurrency 1 (wrk, closed loop): latency; "
+                               "floor-* are Hypercorn alone and with Quart, answering at once", 1,
+                               self.pick("direct", "floor-asgi", "floor-quart", "helios-w1", "litellm"))
+        self.client_floor()
+        if "floor-quart" in c1:
+            server = c1["floor-quart"]["p50"] - c1["direct"]["p50"]
+            call = self.report["scenarios"]["client_floor"]["aiohttp"]["call_wall_us"] / 1000
+            self.report["added_latency_floor_ms"] = server + call
+            self.emit(f"Lowest added latency the fixed stack allows at c=1: Hypercorn + Quart {server:.2f} ms + "
+                      f"openai client call {call:.2f} ms = {server + call:.2f} ms (Helios measured "
+                      f"{c1['helios-w1']['p50'] - c1['direct']['p50']:.2f} ms)")
         c64 = self.wrk_scenario("nonstream_c64", "Non-streaming chat, concurrency 64 (wrk, closed loop): "
                                 "throughput", 64, abcd)
         slowest = min(s["rps"] for n, s in c64.items() if n != "direct")
@@ -624,6 +659,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 gateways.append(litellm_service(workdir, bench.targets["direct"].port))
         bench.start_gateways(gateways)
         if not args.profile_only:
+            bench.start_floors()
             bench.scenarios()
         if args.profile or args.profile_only:
             bench.profile_scenario()
