@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.docker import docker_engine, gateway_image  # noqa: F401 - fixtures
+from tests.support.docker import cpu_image, docker_engine, gateway_image, prometheus_image  # noqa: F401 - fixtures
 
 IMAGES_MARKER = "images"
 

@@ -1,21 +1,31 @@
-"""docker-compose.yml: it validates (with and without the gpu profile), says what the stack needs, and its
-appliance service comes up on a real (private) Docker engine.
+"""docker-compose.yml: it validates (with and without the gpu profile), says what the stack needs, and comes
+up on a real (private) Docker engine.
 
-`up` runs the ``helios`` service only. Building its cpu image takes many minutes (torch + vLLM), so the
-default test overrides the service's image with the gateway flavor (built once per session for
-test_docker.py as well) and points its models at the FakeProvider; everything else (the ./config mount
-and HELIOS_CONFIG, the named cache volume, env passing, stop_grace_period) is the compose file's own.
-The same service with its real cpu image is exercised by test_docker.py's ``images`` test.
-Host networking replaces the published port: the private dockerd runs without a bridge or iptables.
+* ``test_compose_up_appliance`` runs the ``helios`` service alone, with its image overridden by the gateway
+  flavor (built once per session for test_docker.py as well) and its models pointed at the FakeProvider;
+  everything else (the ./config mount and HELIOS_CONFIG, the named cache volume, env passing,
+  stop_grace_period) is the compose file's own.
+* ``test_compose_up_default_stack`` (marker ``images``: it needs the cpu image) runs the default stack's
+  ``helios`` and ``prometheus`` services as the compose file and its default config define them.
+
+Host networking replaces the published ports and the compose network: the private dockerd makes no bridge or
+iptables rules, so that the tests leave the host's network configuration alone.
 """
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
+import random
+import re
+import socket
 import subprocess
+import time
+import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +33,17 @@ import openai
 import pytest
 import yaml  # type: ignore[import-untyped,unused-ignore]  # PyYAML ships no stubs
 
-from tests.support.docker import DockerEngine, ensure_pip_tool, wait_http
+from tests.support.dns import StaticDNS
+from tests.support.docker import (
+    CPU_TAG,
+    PROMETHEUS_IMAGE,
+    DockerEngine,
+    container_logs,
+    ensure_pip_tool,
+    http_get,
+    wait_http,
+    wait_ready_while_running,
+)
 from tests.support.fake_provider import FakeProvider
 from tests.support.server import REPO_ROOT, free_port
 
@@ -174,3 +194,179 @@ def test_compose_up_appliance(
         docker_engine.compose_run(*files, "down", "-v", "--timeout", "40", timeout=120)
         volumes = docker_engine.run("volume", "ls", "-q").stdout.split()
         assert not [v for v in volumes if v.startswith(compose_project)], volumes
+
+
+# The stack's job label, as alerts.yml and the Grafana dashboard's queries expect it.
+JOB = "helios-serve"
+# What the images test brings up: the default stack without Grafana.
+STACK = ("helios", "prometheus")
+
+
+def _free_loopback_address() -> str:
+    """A 127.x.y.z address of this run alone, where ports 8000 and 9090 (and 53 for the DNS) are free.
+
+    With host networking, the containers listen on the host: the config's own ports stay, on an address no
+    other process uses, so nothing clashes with e.g. a `make run` on 127.0.0.1:8000.
+    """
+    for _ in range(20):
+        address = str(ipaddress.IPv4Address("127.0.0.0") + random.randrange(1 << 16, 1 << 24))
+        try:
+            for kind, port in ((socket.SOCK_STREAM, 8000), (socket.SOCK_STREAM, 9090), (socket.SOCK_DGRAM, 53)):
+                with socket.socket(socket.AF_INET, kind) as probe:
+                    probe.bind((address, port))
+            return address
+        except OSError:
+            continue
+    raise AssertionError("no free loopback address for ports 8000, 9090 and 53")
+
+
+def _prometheus_api(base: str, path: str, **params: str) -> Any:
+    """``data`` of GET {base}/api/v1/{path}."""
+    query = f"?{urllib.parse.urlencode(params)}" if params else ""
+    status, body = http_get(f"{base}/api/v1/{path}{query}", timeout=10)
+    assert status == 200, f"GET /api/v1/{path}: HTTP {status}: {body[:500]!r}"
+    payload = json.loads(body)
+    assert payload["status"] == "success", payload
+    return payload["data"]
+
+
+def _wait_for_value(base: str, expr: str, want: float, timeout: float, logs: Callable[[], str]) -> float:
+    """Poll an instant query until it returns one sample >= ``want``; the wall-clock time it did."""
+    deadline = time.monotonic() + timeout
+    result: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        result = _prometheus_api(base, "query", query=expr)["result"]
+        if len(result) == 1 and float(result[0]["value"][1]) >= want:
+            return time.time()
+        time.sleep(1)
+    targets = _prometheus_api(base, "targets")
+    raise AssertionError(f"{expr} did not reach {want} within {timeout:.0f}s: {result}\ntargets: {targets}\n"
+                         f"prometheus logs:\n{logs()}")
+
+
+def _rfc3339(stamp: str) -> datetime.datetime:
+    # Prometheus writes nanoseconds; fromisoformat takes at most microseconds.
+    return datetime.datetime.fromisoformat(re.sub(r"(\.\d{6})\d+", r"\1", stamp.replace("Z", "+00:00")))
+
+
+def _check_prometheus(base: str, dns: StaticDNS, logs: Callable[[], str]) -> None:
+    """What the stack's Prometheus must show once helios has served a request."""
+    wait_http(f"{base}/-/ready", timeout=60)
+    # The rules of the mounted alerts.yml, group by group and rule by rule.
+    alerts = yaml.safe_load((REPO_ROOT / "config/prometheus/alerts.yml").read_text())
+    loaded = {group["name"]: (group["file"], [rule["name"] for rule in group["rules"]])
+              for group in _prometheus_api(base, "rules")["groups"]}
+    assert loaded == {group["name"]: ("/etc/prometheus/alerts.yml", [rule["alert"] for rule in group["rules"]])
+                      for group in alerts["groups"]}
+
+    # The helios target, found by DNS, up; its series scraped, the request made before counted.
+    up_at = _wait_for_value(base, f'up{{job="{JOB}"}}', 1, timeout=120, logs=logs)
+    _wait_for_value(base, f'sum(helios_requests_total{{job="{JOB}",model="helios-demo-tiny"}})', 1, timeout=60,
+                    logs=logs)
+    series = _prometheus_api(base, "series", **{"match[]": f'{{__name__=~"helios_.+",job="{JOB}"}}'})
+    assert {s["instance"] for s in series} == {"helios:8000"}, series
+    targets = [t for t in _prometheus_api(base, "targets")["activeTargets"] if t["labels"]["job"] == JOB]
+    assert [(t["labels"]["instance"], t["health"]) for t in targets] == [("helios:8000", "up")], targets
+    # helios-gpu was looked up too, and its name not resolving made no target (no permanently down one).
+    assert {"helios", "helios-gpu"} <= dns.asked(), dns.queries
+
+    # No scrape alert: after an evaluation later than the first good scrape, HeliosScrapeMissing (up == 0 or
+    # absent) is inactive, not pending on its way to firing; and nothing fires at all.
+    deadline = time.monotonic() + 60
+    while True:
+        rules = {rule["name"]: rule for group in _prometheus_api(base, "rules")["groups"] for rule in group["rules"]}
+        missing = rules["HeliosScrapeMissing"]
+        if _rfc3339(missing["lastEvaluation"]).timestamp() > up_at:
+            break
+        assert time.monotonic() < deadline, f"no rule evaluation within 60 s of the first scrape: {missing}"
+        time.sleep(1)
+    assert (missing["state"], missing["health"]) == ("inactive", "ok"), missing
+    firing = [a for a in _prometheus_api(base, "alerts")["alerts"] if a["state"] == "firing"]
+    assert not firing, firing
+
+
+@pytest.mark.images
+@pytest.mark.timeout(1800)  # the cpu image's build is part of this test when it runs first in the session
+def test_compose_up_default_stack(
+    docker_engine: DockerEngine, cpu_image: str, prometheus_image: str, compose_project: str, tmp_path: Path
+) -> None:
+    """The default stack's helios and prometheus services, as docker-compose.yml and config/ define them:
+    helios serves the embedded demo model (config/docker/compose.toml), Prometheus loads alerts.yml and
+    scrapes helios through prometheus.yml's DNS discovery, and no scrape alert goes off.
+
+    The override file holds only what the private engine forces (each line says why). Prometheus is a local
+    stand-in for prom/prometheus:v3.5.0 (Debian's 2.42; see tests/support/docker.py). Grafana stays out:
+    no registry is reachable, and no Debian, PyPI or npm package of Grafana exists to build a stand-in from,
+    so the provisioned data source and dashboard are only checked statically (test_compose_config_default_stack,
+    tests/observability) - the remaining gap.
+    """
+    default = _config()["services"]
+    assert default["helios"]["image"] == cpu_image == CPU_TAG
+    assert default["prometheus"]["image"] == prometheus_image == PROMETHEUS_IMAGE
+    address = _free_loopback_address()
+    with StaticDNS(address, {"helios": address}) as dns:
+        resolv_conf = tmp_path / "resolv.conf"
+        resolv_conf.write_text(dns.resolv_conf())
+        command = [*default["prometheus"]["command"], f"--web.listen-address={address}:9090"]
+        override = f"""\
+# Only what the private test engine forces on the default stack (tests/deploy/test_compose.py).
+services:
+  helios:
+    # The private dockerd makes no bridge and no iptables rules, so that the tests leave the host's network
+    # configuration alone (tests/support/docker.py): host networking, as in the other container tests.
+    network_mode: host
+    ports: !reset []
+    # Host networking shares the host's ports: listen on a loopback address of this test run, on the
+    # config's own port 8000 (the port prometheus.yml scrapes). The image's HEALTHCHECK probes 127.0.0.1, so
+    # the container reports unhealthy here; nothing in the stack depends on it.
+    environment:
+      HELIOS_SERVER__HOST: "{address}"
+    # No registry is reachable: the image is the one this session built under the compose tag.
+    pull_policy: never
+  prometheus:
+    network_mode: host
+    ports: !reset []
+    pull_policy: never
+    # The compose file's command plus the listen address, for the same reason as helios' HELIOS_SERVER__HOST.
+    command: {json.dumps(command)}
+    volumes:
+      # Docker's DNS, which prometheus.yml's dns_sd_configs query, only serves bridge networks. Instead,
+      # a resolv.conf naming a DNS server of the test that resolves helios to the address above (and, as
+      # Docker's DNS would with the gpu profile off, not helios-gpu). extra_hosts cannot stand in for it:
+      # DNS discovery never reads /etc/hosts.
+      - {json.dumps(f"{resolv_conf}:/etc/resolv.conf:ro")}
+"""
+        # Scrape and evaluation intervals stay the file's 15 s: the waits below are sized for them.
+        override_file = tmp_path / "compose.override.yml"
+        override_file.write_text(override)
+        files = ["-p", compose_project, "-f", str(COMPOSE_FILE), "-f", str(override_file)]
+        helios_container, prometheus_container = (f"{compose_project}-{service}-1" for service in STACK)
+
+        def prometheus_logs() -> str:
+            return container_logs(docker_engine, prometheus_container)
+
+        try:
+            started = time.monotonic()
+            docker_engine.compose_run(*files, "--env-file", os.devnull, "up", "-d", "--no-build", *STACK,
+                                      timeout=300)
+            helios = f"http://{address}:8000"
+            try:
+                wait_ready_while_running(docker_engine, helios_container, f"{helios}/ready", timeout=600)
+            except AssertionError as exc:
+                raise AssertionError(f"{exc}\nlogs:\n{container_logs(docker_engine, helios_container)}") from None
+
+            # helios: the demo model of compose.toml, through the official client.
+            client = openai.OpenAI(base_url=f"{helios}/v1", api_key="unused", max_retries=0, timeout=120)
+            reply = client.chat.completions.create(model="helios-demo-tiny", max_tokens=8,
+                                                   messages=[{"role": "user", "content": "hello"}])
+            assert reply.model == "helios-demo-tiny"
+            assert reply.usage is not None and reply.usage.completion_tokens > 0
+
+            ready = time.monotonic() - started
+            _check_prometheus(f"http://{address}:9090", dns, prometheus_logs)
+            print(f"\ncompose stack: helios ready {ready:.0f}s after `up`, Prometheus checks passed "
+                  f"{time.monotonic() - started:.0f}s after it")
+        finally:
+            docker_engine.compose_run(*files, "down", "-v", "--timeout", "40", check=False, timeout=180)
+    volumes = docker_engine.run("volume", "ls", "-q").stdout.split()
+    assert not [v for v in volumes if v.startswith(compose_project)], volumes

