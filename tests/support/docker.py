@@ -345,7 +345,8 @@ def _import_base_image(engine: DockerEngine) -> None:
 def _finish_prometheus_rootfs(rootfs: Path) -> None:
     # The official image's layout: the binary at /bin/prometheus (here /usr/bin/prometheus through bookworm's
     # merged /usr), /prometheus for the TSDB owned by nobody:nogroup, the user it runs as.
-    assert (rootfs / "usr/bin/prometheus").is_file(), "Debian's prometheus package did not install"
+    if not (rootfs / "usr/bin/prometheus").is_file():
+        raise RuntimeError("debootstrap did not install Debian's prometheus package")
     data = rootfs / "prometheus"
     data.mkdir(exist_ok=True)
     os.chown(data, _NOBODY, _NOBODY)
