@@ -365,7 +365,7 @@ services:
             ready = time.monotonic() - started
             _check_prometheus(f"http://{address}:9090", dns, prometheus_logs)
             print(f"\ncompose stack: helios ready {ready:.0f}s after `up`, Prometheus checks passed "
-                  f"{time.monotonic() - started:.0f}s after it")
+                  f"{time.monotonic() - started:.0f}s after `up`")
         finally:
             docker_engine.compose_run(*files, "down", "-v", "--timeout", "40", check=False, timeout=180)
     volumes = docker_engine.run("volume", "ls", "-q").stdout.split()
