@@ -166,12 +166,25 @@ async def sse_response(chunks: ChunkStream, observer: StreamObserver) -> Respons
 
 
 async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
-    """The ``data`` payloads of an SSE byte stream, in order, batched as they arrived."""
+    """The ``data`` payloads of an SSE byte stream, in order, batched as they arrived.
+
+    The first event comes alone, before the rest of its read is split: a fast provider's first read can
+    hold a whole answer, and the first token should not wait for all of it.
+    """
     buffer = b""
+    first = True
     async for chunk in chunks:
         buffer = buffer + chunk if buffer else chunk
         if b"\r" in buffer:
             buffer = buffer.replace(b"\r\n", b"\n")
+        if b"\n\n" not in buffer:
+            continue
+        while first and b"\n\n" in buffer:
+            event, _, buffer = buffer.partition(b"\n\n")
+            data = _event_data(event)
+            if data is not None:
+                first = False
+                yield [data]
         if b"\n\n" not in buffer:
             continue
         *events, buffer = buffer.split(b"\n\n")

@@ -163,9 +163,6 @@ class RemoteBackend(Backend):
         self, response: httpx2.Response, encoded_name: bytes, wants_usage: bool, stats: CallStats
     ) -> AsyncIterator[list[bytes]]:
         finished = False
-        # The first chunk is sent on its own: a fast provider's first read can hold a whole answer, and
-        # the client should not wait for all of it to be checked before its first token.
-        first = True
         try:
             async for batch in sse_data(response.aiter_bytes()):
                 relayed: list[bytes] = []
@@ -188,10 +185,6 @@ class RemoteBackend(Backend):
                     if b'"finish_reason"' in data:
                         stats.finish_reasons.extend(m.decode() for m in _FINISH_REASON.findall(data))
                     relayed.append(replace_model(data, encoded_name))
-                    if first:
-                        first = False
-                        yield relayed
-                        relayed = []
                 if relayed:
                     yield relayed
                 if finished:
