@@ -15,6 +15,7 @@ import pytest
 from tests.e2e.gateway import client, eventually, remote_model, stream_payloads, validated_chunks
 from tests.support.fake_provider import FakeProvider
 from tests.support.fixtures import HeliosFactory
+from tests.support.forward_proxy import ForwardProxy
 from tests.support.openapi import validate
 from tests.support.server import run_cli
 
@@ -127,3 +128,21 @@ def test_sigterm_drains_an_inflight_stream(helios: HeliosFactory, fake_provider:
     # New connections were refused once draining began.
     with pytest.raises(httpx2.ConnectError):
         httpx2.get(f"{gateway.base_url}/health", timeout=2)
+
+
+def test_provider_calls_honour_the_proxy_environment(helios: HeliosFactory, fake_provider: FakeProvider) -> None:
+    """An egress proxy named by HTTP(S)_PROXY carries the provider calls, streams included; NO_PROXY exempts."""
+    inherited: dict[str, str | None] = {name: None for name in
+                                        ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "http_proxy",
+                                         "https_proxy", "all_proxy", "no_proxy")}
+    models = {"models": [remote_model(fake_provider, "m", "gpt-4o")]}
+    with ForwardProxy() as proxy:
+        proxied = helios(models, env={**inherited, "HTTP_PROXY": proxy.url})
+        oa = client(proxied.base_url)
+        assert oa.chat.completions.create(model="m", messages=USER).choices[0].message.content
+        assert validated_chunks(stream_payloads(oa, model="m", messages=USER))
+        assert proxy.targets == [f"{fake_provider.base_url}/chat/completions"] * 2
+
+        direct = helios(models, env={**inherited, "HTTP_PROXY": proxy.url, "NO_PROXY": "127.0.0.1"})
+        client(direct.base_url).chat.completions.create(model="m", messages=USER)
+        assert len(proxy.targets) == 2, "NO_PROXY must keep the call off the proxy"
