@@ -17,6 +17,7 @@ from tests.support.fake_provider import FakeProvider
 from tests.support.fixtures import HeliosFactory
 from tests.support.forward_proxy import ForwardProxy
 from tests.support.openapi import validate
+from tests.support.tls import make_private_ca
 from tests.support.server import run_cli
 
 USER = [{"role": "user", "content": "hi"}]
@@ -146,3 +147,27 @@ def test_provider_calls_honour_the_proxy_environment(helios: HeliosFactory, fake
         direct = helios(models, env={**inherited, "HTTP_PROXY": proxy.url, "NO_PROXY": "127.0.0.1"})
         client(direct.base_url).chat.completions.create(model="m", messages=USER)
         assert len(proxy.targets) == 2, "NO_PROXY must keep the call off the proxy"
+
+
+def test_tls_provider_with_a_private_ca(helios: HeliosFactory, tmp_path: Path) -> None:
+    """An HTTPS provider whose certificate comes from a private CA: trusted through SSL_CERT_FILE, refused
+    (502, not a timeout or a 500) without it."""
+    ca = make_private_ca(tmp_path / "tls")
+    with FakeProvider(ssl_context=ca.server_context()) as provider:
+        assert provider.base_url.startswith("https://")
+        models = {"models": [remote_model(provider, "m", "gpt-4o")]}
+        trusting = helios(models, env={"SSL_CERT_FILE": str(ca.ca_file), "SSL_CERT_DIR": None})
+        oa = client(trusting.base_url)
+        assert oa.chat.completions.create(model="m", messages=USER).choices[0].message.content
+        assert validated_chunks(stream_payloads(oa, model="m", messages=USER))
+        assert provider.request_count() == 2
+
+        untrusting = helios(models, env={"SSL_CERT_FILE": None, "SSL_CERT_DIR": None})
+        with pytest.raises(openai.InternalServerError) as refused:
+            client(untrusting.base_url).chat.completions.create(model="m", messages=USER)
+        assert refused.value.status_code == 502
+        error = refused.value.response.json()
+        validate("ErrorResponse", error)
+        assert error["error"]["code"] == "bad_gateway"
+        assert "Certificate" in error["error"]["message"] or "SSL" in error["error"]["message"]
+        assert provider.request_count() == 2, "no request may reach a provider whose certificate was refused"

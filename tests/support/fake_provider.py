@@ -25,6 +25,7 @@ import itertools
 import json
 import re
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -592,11 +593,13 @@ def embeddings(body: Json) -> Json:
 class FakeProvider:
     """OpenAI-compatible fake on 127.0.0.1, served from a background thread."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None) -> None:
-        """``api_key``, when set, is required as a Bearer token (else 401)."""
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, api_key: str | None = None,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        """``api_key``, when set, is required as a Bearer token (else 401); with ``ssl_context``, HTTPS."""
         self.host = host
         self.port = port
         self.api_key = api_key
+        self.ssl_context = ssl_context
         self.disconnected = threading.Event()
         self.stream_completed = threading.Event()
         self._lock = threading.Lock()
@@ -614,10 +617,11 @@ class FakeProvider:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:PORT/v1`` (valid after start)."""
+        """``http(s)://127.0.0.1:PORT/v1`` (valid after start)."""
         if self._thread is None:
             raise RuntimeError("FakeProvider is not started")
-        return f"http://{self.host}:{self.port}/v1"
+        scheme = "https" if self.ssl_context else "http"
+        return f"{scheme}://{self.host}:{self.port}/v1"
 
     def start(self, timeout: float = 10.0) -> str:
         """Start serving; returns base_url."""
@@ -702,7 +706,7 @@ class FakeProvider:
         # Short shutdown timeout: a slow-N handler must not hold up stop().
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.SockSite(self._runner, sock).start()
+        await web.SockSite(self._runner, sock, ssl_context=self.ssl_context).start()
 
     # -- recorded state (thread-safe copies) ----------------------------------------
 
