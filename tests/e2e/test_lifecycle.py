@@ -17,8 +17,8 @@ from tests.support.fake_provider import FakeProvider
 from tests.support.fixtures import HeliosFactory
 from tests.support.forward_proxy import ForwardProxy
 from tests.support.openapi import validate
-from tests.support.tls import make_private_ca
 from tests.support.server import run_cli
+from tests.support.tls import make_private_ca
 
 USER = [{"role": "user", "content": "hi"}]
 
