@@ -31,6 +31,7 @@ def hypercorn_config(settings: Settings) -> Config:
     # of the supervisor process and its extra memory.
     config.workers = 0 if server.workers == 1 else server.workers
     config.keep_alive_timeout = server.keep_alive_timeout
+    config.keep_alive_max_requests = server.keep_alive_max_requests
     config.graceful_timeout = server.graceful_timeout
     config.application_path = APPLICATION_PATH
     config.worker_class = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"

@@ -63,6 +63,11 @@ class ServerSettings(_Section):
     keep_alive_timeout: float = Field(
         5.0, gt=0, description="Seconds an idle keep-alive connection stays open."
     )
+    keep_alive_max_requests: int = Field(
+        100_000, ge=1,
+        description="Requests one keep-alive connection may carry before it is closed (Hypercorn's own "
+                    "default of 1,000 makes a busy load balancer reconnect every 1,000 requests).",
+    )
     graceful_timeout: float = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM."
     )

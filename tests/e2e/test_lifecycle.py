@@ -171,3 +171,14 @@ def test_tls_provider_with_a_private_ca(helios: HeliosFactory, tmp_path: Path) -
         assert error["error"]["code"] == "bad_gateway"
         assert "Certificate" in error["error"]["message"] or "SSL" in error["error"]["message"]
         assert provider.request_count() == 2, "no request may reach a provider whose certificate was refused"
+
+
+def test_keep_alive_connections_carry_the_configured_number_of_requests(
+    helios: HeliosFactory, fake_provider: FakeProvider
+) -> None:
+    gateway = helios({"server": {"keep_alive_max_requests": 3},
+                      "models": [remote_model(fake_provider, "m", "gpt-4o")]})
+    with httpx2.Client(base_url=gateway.base_url, timeout=30) as http:
+        closes = [http.get("/v1/models").headers.get("connection") for _ in range(4)]
+    # The third request on the connection is its last; the client then opens a new one.
+    assert closes == [None, None, "close", None]
