@@ -36,6 +36,7 @@ def hypercorn_config(settings: Settings) -> Config:
     config.application_path = APPLICATION_PATH
     config.worker_class = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
     config.accesslog = None  # our own access log carries model, tokens and the request id
+    config.include_server_header = False  # no software banner for scanners to match against
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
 

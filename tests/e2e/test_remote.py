@@ -405,6 +405,7 @@ def test_request_id_is_taken_or_generated_and_logged(gateway: HeliosProcess, oa:
     raw = oa.chat.completions.with_raw_response.create(model="gpt-test", messages=USER,
                                                        extra_headers={"X-Request-ID": "trace-abc-123"})
     assert raw.headers["x-request-id"] == "trace-abc-123"
+    assert "server" not in raw.headers, "no server banner"
     generated = oa.models.with_raw_response.list().headers["x-request-id"]
     assert len(generated) >= 16 and generated != "trace-abc-123"
     line = wait_for_log(gateway, '"request_id": "trace-abc-123"')
