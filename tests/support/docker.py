@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import openai
 import pytest
 
 from tests.support.server import REPO_ROOT
@@ -50,6 +51,7 @@ __all__ = [
     "GATEWAY_TAG",
     "PROMETHEUS_IMAGE",
     "DockerEngine",
+    "assert_serves_demo_model",
     "build_image",
     "container_logs",
     "cpu_image",
@@ -67,6 +69,7 @@ __all__ = [
 ]
 
 CACHE_DIR = REPO_ROOT / ".cache"
+DEMO_MODEL = "helios-demo-tiny"  # the model the cpu image bakes in and config/docker/compose.toml serves
 BASE_IMAGE = "python:3.11-slim-bookworm"
 # Bump when the recipe below changes, so a stale cached rootfs is not reused.
 _BASE_RECIPE = "v1"
@@ -464,18 +467,31 @@ def container_logs(engine: DockerEngine, name: str) -> str:
 
 
 def wait_ready_while_running(engine: DockerEngine, name: str, url: str, timeout: float) -> None:
-    """Wait for ``url`` to answer 200, failing at once if the container exits (model load can be slow)."""
+    """Wait for ``url`` to answer 200, failing at once if the container exits (model load can be slow); a
+    failure carries the container's logs."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             wait_http(url, timeout=10)
             return
-        except AssertionError:
+        except AssertionError as exc:
             running = engine.run("inspect", "--format", "{{.State.Running}}", name).stdout.strip()
             if running != "true":
-                raise AssertionError(f"container {name} exited before {url} answered 200") from None
-            if time.monotonic() > deadline:
-                raise
+                problem = f"container {name} exited before {url} answered 200"
+            elif time.monotonic() > deadline:
+                problem = str(exc)
+            else:
+                continue
+            raise AssertionError(f"{problem}\ncontainer logs:\n{container_logs(engine, name)}") from None
+
+
+def assert_serves_demo_model(base_url: str) -> None:
+    """A chat completion from the demo model baked into the cpu image, through the official client."""
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    reply = client.chat.completions.create(model=DEMO_MODEL, max_tokens=8,
+                                           messages=[{"role": "user", "content": "hello"}])
+    assert reply.model == DEMO_MODEL
+    assert reply.usage is not None and reply.usage.completion_tokens > 0
 
 
 def stop_container(engine: DockerEngine, name: str, grace: int = 30) -> tuple[int, float]:
