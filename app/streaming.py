@@ -179,14 +179,16 @@ async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
             buffer = buffer.replace(b"\r\n", b"\n")
         if b"\n\n" not in buffer:
             continue
-        while first and b"\n\n" in buffer:
-            event, _, buffer = buffer.partition(b"\n\n")
-            data = _event_data(event)
+        if first:
+            data = None
+            while data is None and b"\n\n" in buffer:
+                event, _, buffer = buffer.partition(b"\n\n")
+                data = _event_data(event)
             if data is not None:
                 first = False
                 yield [data]
-        if b"\n\n" not in buffer:
-            continue
+            if b"\n\n" not in buffer:
+                continue
         *events, buffer = buffer.split(b"\n\n")
         batch = [data for data in map(_event_data, events) if data is not None]
         if batch:
