@@ -58,7 +58,7 @@ DEFAULT_SEED: Final = 1234
 
 # Bumped whenever the recipe changes, so that a directory built by an older
 # recipe is not mistaken for a complete current one.
-RECIPE_VERSION: Final = 1
+RECIPE_VERSION: Final = 2
 
 MARKER_FILE: Final = "helios-demo-model.json"
 
@@ -67,6 +67,9 @@ EOS_TOKEN: Final = "</s>"
 PAD_TOKEN: Final = "<pad>"
 UNK_TOKEN: Final = "<unk>"
 ROLE_TOKENS: Final = ("<|system|>", "<|user|>", "<|assistant|>", "<|tool|>")
+# Markup that vLLM's parsers look up by token id (hermes tool calls, deepseek_r1/qwen3 reasoning). They are
+# ordinary (non-special) added tokens, as in the models those parsers are for, so they stay in decoded text.
+MARKUP_TOKENS: Final = ("<think>", "</think>", "<tool_call>", "</tool_call>")
 # The order fixes the ids: pad=0, bos=1, eos=2, unk=3, then the role markers.
 SPECIAL_TOKENS: Final = (PAD_TOKEN, BOS_TOKEN, EOS_TOKEN, UNK_TOKEN, *ROLE_TOKENS)
 
@@ -116,8 +119,8 @@ CHAT_TEMPLATE: Final = (
     "{%- for call in message['tool_calls'] -%}"
     "{%- set fn = call['function'] if call['function'] is defined else call -%}"
     "{%- if message['content'] or not loop.first -%}{{- '\\n' -}}{%- endif -%}"
-    "{{- '<tool_call>' + ({'name': fn['name'], 'arguments': fn['arguments']} | tojson)"
-    " + '</tool_call>' -}}"
+    "{%- set args = fn['arguments'] if fn['arguments'] is string else (fn['arguments'] | tojson) -%}"
+    "{{- '<tool_call>{\"name\": ' + (fn['name'] | tojson) + ', \"arguments\": ' + args + '}</tool_call>' -}}"
     "{%- endfor -%}"
     "{%- endif -%}"
     "{{- eos_token + '\\n' -}}"
@@ -193,7 +196,7 @@ def _corpus() -> Iterator[str]:
 
 
 def _train_tokenizer() -> Tokenizer:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -208,6 +211,7 @@ def _train_tokenizer() -> Tokenizer:
         show_progress=False,
     )
     tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.add_tokens([AddedToken(token, special=False, normalized=False) for token in MARKUP_TOKENS])
     bos_id = tokenizer.token_to_id(BOS_TOKEN)
     # Like Llama: plain encode() prepends BOS, while the chat template writes BOS
     # itself and is encoded with add_special_tokens=False.

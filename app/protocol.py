@@ -247,17 +247,25 @@ class ChoiceLogprobs(BaseModel):
     refusal: list[TokenLogprob] | None = None
 
 
+# Absent rather than null when empty, as OpenAI sends them.
+_OPTIONAL_MESSAGE_FIELDS = ("tool_calls", "reasoning_content", "reasoning")
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     refusal: str | None = None
     tool_calls: list[ToolCall] | None = None
+    #: a reasoning model's thinking, under the name most clients read and the one vLLM's server now uses
+    reasoning_content: str | None = None
+    reasoning: str | None = None
 
     @model_serializer(mode="wrap")
-    def _omit_absent_tool_calls(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+    def _omit_absent_optional_fields(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
         data: dict[str, Any] = handler(self)
-        if data.get("tool_calls") is None:
-            data.pop("tool_calls", None)
+        for key in _OPTIONAL_MESSAGE_FIELDS:
+            if data.get(key) is None:
+                data.pop(key, None)
         return data
 
 
@@ -284,6 +292,8 @@ class ChatCompletionResponse(BaseModel):
 class ChunkDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
     tool_calls: list[dict[str, Any]] | None = None
 
     @model_serializer(mode="wrap")
@@ -340,11 +350,16 @@ class Embedding(BaseModel):
     embedding: list[float] | str
 
 
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
 class EmbeddingResponse(BaseModel):
     object: Literal["list"] = "list"
     data: list[Embedding]
     model: str
-    usage: Usage
+    usage: EmbeddingUsage
 
 
 class ModelCard(BaseModel):
@@ -352,6 +367,15 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str
+    #: for a LoRA adapter, the model it adapts (as vLLM's server lists adapters)
+    parent: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _omit_absent_parent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if data.get("parent") is None:
+            data.pop("parent", None)
+        return data
 
 
 class ModelList(BaseModel):

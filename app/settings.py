@@ -170,6 +170,39 @@ class OpenAIModelSettings(_ModelBase):
         return None
 
 
+class StructuredOutputsSettings(_Section):
+    """How the engine constrains generation for response_format, structured_outputs and forced tool calls."""
+
+    backend: Literal["auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"] = "auto"
+    disable_any_whitespace: bool = Field(
+        False, description="Compact JSON only: no whitespace between tokens (needs backend xgrammar or guidance). "
+                           "Keeps a weak model from filling max_tokens with whitespace.",
+    )
+    enable_in_reasoning: bool = Field(
+        False, description="Constrain the reasoning too, not only the answer after it (with a reasoning_parser).",
+    )
+
+    @model_validator(mode="after")
+    def _whitespace_backend(self) -> StructuredOutputsSettings:
+        if self.disable_any_whitespace and self.backend not in ("xgrammar", "guidance"):
+            raise ValueError("disable_any_whitespace needs backend 'xgrammar' or 'guidance'")
+        return self
+
+
+class LoRAAdapterSettings(_Section):
+    """A LoRA adapter of an embedded model, served under its own model name."""
+
+    name: str = Field(min_length=1, description="The model name clients send for the adapter.")
+    path: Path = Field(description="Directory saved by peft's save_pretrained (adapter_config.json + weights).")
+
+    @model_validator(mode="after")
+    def _adapter_exists(self) -> LoRAAdapterSettings:
+        if not (self.path / "adapter_config.json").is_file():
+            raise ValueError(f"LoRA adapter {self.name!r}: {str(self.path)!r} is not a PEFT adapter directory "
+                             "(no adapter_config.json)")
+        return self
+
+
 class VLLMModelSettings(_ModelBase):
     """A model served in-process by an embedded vLLM engine."""
 
@@ -194,6 +227,25 @@ class VLLMModelSettings(_ModelBase):
         64, ge=0, description="Requests allowed to wait for an engine slot before new ones get 429."
     )
     retry_after: int = Field(1, ge=1, description="Seconds suggested in Retry-After when the queue is full.")
+    tool_call_parser: str | None = Field(
+        None, description="vLLM tool-call parser for tool_choice 'auto' (hermes, llama3_json, mistral, ...)."
+    )
+    enable_auto_tool_choice: bool = Field(False, description="Answer tool_choice 'auto' with tool_call_parser.")
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        "auto", description="vLLM's --tool-strict-level: how far parsers with a call grammar constrain calls "
+                            "('parameter' pins arguments to the tools' schemas, as if every tool were strict).",
+    )
+    reasoning_parser: str | None = Field(None, description="vLLM reasoning parser (deepseek_r1, qwen3, ...).")
+    structured_outputs: StructuredOutputsSettings = Field(default_factory=StructuredOutputsSettings)
+    runner: Literal["generate", "pooling"] = Field(
+        "generate", description="'pooling' serves /v1/embeddings instead of generating text."
+    )
+    convert: Literal["auto", "none", "embed", "classify"] | None = Field(
+        None, description="Adapt the model to the runner; 'embed' lets a decoder serve embeddings."
+    )
+    lora_adapters: list[LoRAAdapterSettings] = Field(default_factory=list)
+    max_loras: int = Field(1, ge=1, description="LoRA adapters the engine holds in one batch.")
+    max_lora_rank: int = Field(16, ge=1, description="Largest adapter rank the engine accepts.")
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="Further vLLM AsyncEngineArgs fields, passed through unchanged."
     )
@@ -201,6 +253,15 @@ class VLLMModelSettings(_ModelBase):
     @property
     def upstream_name(self) -> str:
         return self.model
+
+    @model_validator(mode="after")
+    def _parsers_fit(self) -> VLLMModelSettings:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser to be set")
+        if self.runner == "pooling" and (self.tool_call_parser or self.reasoning_parser):
+            raise ValueError("a pooling model (runner = 'pooling') generates no text to parse: unset "
+                             "tool_call_parser and reasoning_parser")
+        return self
 
     @model_validator(mode="after")
     def _template_exists(self) -> VLLMModelSettings:
@@ -271,7 +332,8 @@ class Settings(BaseSettings):
     def _unique_names(self) -> Settings:
         seen: dict[str, str] = {}
         for index, model in enumerate(self.models):
-            for served in model.served_names:
+            adapters = [a.name for a in model.lora_adapters] if isinstance(model, VLLMModelSettings) else []
+            for served in [*model.served_names, *adapters]:
                 if served in seen:
                     raise ValueError(
                         f"models[{index}]: model name {served!r} is already used by {seen[served]}"

@@ -36,6 +36,8 @@ class Backend(ABC):
 
     #: who the model list says owns the model
     owned_by: str = "helios-serve"
+    #: the model this one is derived from (a LoRA adapter's base model), listed as the model's parent
+    parent: str | None = None
 
     def __init__(self, name: str) -> None:
         self.name = name

@@ -14,26 +14,38 @@ from app.settings import ModelSettings
 log = logging.getLogger(__name__)
 
 
-def build_backend(settings: ModelSettings) -> Backend:
+def build_backends(settings: ModelSettings) -> list[tuple[Backend, list[str], tuple[str, str, str]]]:
+    """The backends one configured model serves: (backend, its served names, its (name, kind, upstream))."""
     if settings.backend == "openai":
         from app.backends.remote import RemoteBackend
 
-        return RemoteBackend(settings)
-    from app.backends.vllm_engine import VLLMBackend
+        return [(RemoteBackend(settings), settings.served_names,
+                 (settings.name, settings.backend, settings.upstream_name))]
+    from app.backends.vllm import VLLMBackend
+    from app.backends.vllm.adapters import LoRAAdapterBackend
 
-    return VLLMBackend(settings)
+    base = VLLMBackend(settings)
+    built: list[tuple[Backend, list[str], tuple[str, str, str]]] = [
+        (base, settings.served_names, (settings.name, settings.backend, settings.upstream_name))]
+    for adapter in settings.lora_adapters:
+        built.append((LoRAAdapterBackend(base, adapter.name), [adapter.name],
+                      (adapter.name, "vllm-lora", str(adapter.path))))
+    return built
 
 
 class Registry:
     def __init__(self, models: list[ModelSettings]) -> None:
-        self.backends: list[Backend] = [build_backend(model) for model in models]
         self.created = int(time.time())
-        self._models = models
+        self.backends: list[Backend] = []
+        self._described: list[tuple[str, str, str]] = []
         self._starting: set[asyncio.Task[None]] = set()
         self._by_name: dict[str, Backend] = {}
-        for model, backend in zip(models, self.backends, strict=True):
-            for served in model.served_names:
-                self._by_name[served] = backend
+        for model in models:
+            for backend, names, described in build_backends(model):
+                self.backends.append(backend)
+                self._described.append(described)
+                for served in names:
+                    self._by_name[served] = backend
 
     def find(self, name: str) -> Backend | None:
         """The backend serving ``name`` (a model name or alias), if any."""
@@ -43,8 +55,8 @@ class Registry:
         return self._by_name
 
     def describe(self) -> list[tuple[str, str, str]]:
-        """(name, backend kind, upstream model) of every configured model."""
-        return [(m.name, m.backend, m.upstream_name) for m in self._models]
+        """(name, backend kind, upstream model) of every served model."""
+        return self._described
 
     async def start(self) -> None:
         """Start every backend in the background: /health answers while a slow one loads, and /ready

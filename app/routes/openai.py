@@ -140,7 +140,7 @@ async def get_model(model: str) -> Response:
 
 
 def model_card(name: str, backend: Backend, created: int) -> ModelCard:
-    return ModelCard(id=name, created=created, owned_by=backend.owned_by)
+    return ModelCard(id=name, created=created, owned_by=backend.owned_by, parent=backend.parent)
 
 
 def models_body(served: dict[str, Backend], created: int) -> bytes:

@@ -1,4 +1,4 @@
-"""OpenAI request fields to vLLM sampling parameters, for the embedded engine.
+"""OpenAI request fields to vLLM sampling parameters.
 
 Every field a client can send is either honoured or refused with a 400 naming it: silently ignoring a
 parameter would make the answer differ from what the client asked for without telling it.
@@ -24,6 +24,9 @@ _EXTRAS: dict[str, type | tuple[type, ...]] = {
 }
 # Accepted and meaningless here (bookkeeping for the caller), so ignoring them changes no answer.
 _HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"})
+# vLLM extras read elsewhere: by the prompt renderer, the output parsers and structured_output() below.
+_CHAT_HANDLED = frozenset({"chat_template_kwargs", "include_reasoning", "structured_outputs"})
+_COMPLETION_HANDLED = frozenset({"structured_outputs"})
 
 
 def sampling_kwargs(request: ChatCompletionRequest | CompletionRequest, max_logprobs: int) -> dict[str, Any]:
@@ -50,7 +53,6 @@ def sampling_kwargs(request: ChatCompletionRequest | CompletionRequest, max_logp
             kwargs["max_tokens"] = request.max_completion_tokens
         if request.logprobs:
             kwargs["logprobs"] = request.top_logprobs or 0
-        _refuse_tool_choice(request)
     else:
         if request.logprobs is not None:
             kwargs["logprobs"] = request.logprobs
@@ -63,8 +65,9 @@ def sampling_kwargs(request: ChatCompletionRequest | CompletionRequest, max_logp
     if kwargs.get("logprobs", 0) > max_logprobs:
         param = "top_logprobs" if isinstance(request, ChatCompletionRequest) else "logprobs"
         raise invalid_request(f"Invalid value for '{param}': at most {max_logprobs} is supported.", param)
+    handled = _CHAT_HANDLED if isinstance(request, ChatCompletionRequest) else _COMPLETION_HANDLED
     for key, value in (request.model_extra or {}).items():
-        if key in _HARMLESS or value is None:
+        if key in _HARMLESS or key in handled or value is None:
             continue
         expected = _EXTRAS.get(key)
         if expected is None:
@@ -75,17 +78,18 @@ def sampling_kwargs(request: ChatCompletionRequest | CompletionRequest, max_logp
     return kwargs
 
 
-def _refuse_tool_choice(request: ChatCompletionRequest) -> None:
-    choice = request.tool_choice
-    if choice is not None and choice not in ("auto", "none"):
-        raise invalid_request(
-            "Unsupported value for 'tool_choice': embedded models support 'auto' and 'none'.", "tool_choice"
-        )
-
-
-def structured_output(request: ChatCompletionRequest) -> dict[str, Any] | None:
-    """Keyword arguments for ``StructuredOutputsParams`` from ``response_format``, or None."""
-    fmt = request.response_format
+def structured_output(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any] | None:
+    """Keyword arguments for ``StructuredOutputsParams``, from ``response_format`` or vLLM's
+    ``structured_outputs`` extra (``json``, ``regex``, ``choice``, ``grammar``, ...), or None."""
+    fmt = request.response_format if isinstance(request, ChatCompletionRequest) else None
+    extra = (request.model_extra or {}).get("structured_outputs")
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise invalid_request("Invalid value for 'structured_outputs': must be an object.", "structured_outputs")
+        if fmt is not None and fmt.type != "text":
+            raise invalid_request("Only one kind of constraint can be used: 'response_format' or "
+                                  "'structured_outputs'.", "structured_outputs")
+        return extra
     if fmt is None or fmt.type == "text":
         return None
     if fmt.type == "json_object":
