@@ -182,19 +182,34 @@ def test_logprobs_and_top_logprobs(oa: openai.OpenAI) -> None:
     assert all(len(top) == 2 for top in logprobs.top_logprobs or [])
 
 
-def test_json_schema_response_format(oa: openai.OpenAI) -> None:
-    schema = {"type": "object", "properties": {"temperature": {"type": "integer"}}, "required": ["temperature"],
-              "additionalProperties": False}
-    reply = oa.chat.completions.create(
-        model=MODEL, messages=USER, max_tokens=200, seed=3,
-        response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}},
-    )
-    assert reply.choices[0].finish_reason == "stop"
-    jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
+def test_json_schema_response_format_terminates_even_at_temperature_zero(oa: openai.OpenAI) -> None:
+    # A random model prefers whitespace, which JSON allows between tokens; the demo configuration's compact
+    # structured outputs (disable_any_whitespace) keep it from filling max_tokens with it.
+    schema = {"type": "object", "properties": {"capital": {"type": "string", "maxLength": 24},
+                                               "temperature": {"type": "integer"}},
+              "required": ["capital", "temperature"], "additionalProperties": False}
+    for temperature in (0.0, 1.0):
+        reply = oa.chat.completions.create(
+            model=MODEL, messages=USER, max_tokens=200, seed=3, temperature=temperature,
+            response_format={"type": "json_schema", "json_schema": {"name": "weather", "schema": schema}},
+        )
+        assert reply.choices[0].finish_reason == "stop", reply.choices[0].message.content
+        jsonschema.validate(json.loads(reply.choices[0].message.content or ""), schema)
     json_object = oa.chat.completions.create(model=MODEL, messages=USER, max_tokens=200, seed=3,
                                              response_format={"type": "json_object"})
     if json_object.choices[0].finish_reason == "stop":
         assert isinstance(json.loads(json_object.choices[0].message.content or ""), dict)
+    # vLLM's own structured_outputs extra: a regex, on chat and on completions.
+    regex = oa.chat.completions.create(model=MODEL, messages=USER, max_tokens=20,
+                                       extra_body={"structured_outputs": {"regex": "(yes|no), [0-9]{3}"}})
+    assert re.fullmatch("(yes|no), [0-9]{3}", regex.choices[0].message.content or "")
+    choice = oa.completions.create(model=MODEL, prompt="pick", max_tokens=5,
+                                   extra_body={"structured_outputs": {"choice": ["red", "blue"]}})
+    assert choice.choices[0].text in ("red", "blue")
+    with pytest.raises(openai.BadRequestError) as both:
+        oa.chat.completions.create(model=MODEL, messages=USER, response_format={"type": "json_object"},
+                                   extra_body={"structured_outputs": {"regex": "a"}})
+    assert both.value.param == "structured_outputs"
 
 
 def test_completions_prompt_forms(oa: openai.OpenAI) -> None:
@@ -224,10 +239,21 @@ def test_bad_requests_are_400(oa: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as unsupported:
         oa.chat.completions.create(model=MODEL, messages=USER, extra_body={"best_of_luck": 3})
     assert unsupported.value.param == "best_of_luck"
-    with pytest.raises(openai.BadRequestError) as forced_tool:
-        oa.chat.completions.create(model=MODEL, messages=USER, tool_choice="required", tools=[
+    with pytest.raises(openai.BadRequestError) as auto_tools:
+        oa.chat.completions.create(model=MODEL, messages=USER, tools=[
             {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}])
-    assert forced_tool.value.param == "tool_choice"
+    assert auto_tools.value.param == "tool_choice"
+    assert "tool_call_parser" in auto_tools.value.message
+    with pytest.raises(openai.BadRequestError) as too_long:
+        oa.chat.completions.create(model=MODEL, messages=USER, max_tokens=100_000)
+    assert too_long.value.param == "max_tokens" and too_long.value.code == "context_length_exceeded"
+    assert "100000 > 512 - " in too_long.value.message
+    with pytest.raises(openai.BadRequestError) as too_long:
+        oa.chat.completions.create(model=MODEL, messages=USER, max_completion_tokens=600)
+    assert too_long.value.param == "max_completion_tokens"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        oa.completions.create(model=MODEL, prompt="hello", max_tokens=512)
+    assert too_long.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError) as image:
         oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
@@ -245,7 +271,8 @@ def test_tools_are_rendered_into_the_prompt(oa: openai.OpenAI) -> None:
                                              "parameters": {"type": "object",
                                                             "properties": {"city": {"type": "string"}}}}}
     plain = oa.chat.completions.create(model=MODEL, messages=USER, max_tokens=1)
-    with_tools = oa.chat.completions.create(model=MODEL, messages=USER, max_tokens=1, tools=[tool])
+    with_tools = oa.chat.completions.create(model=MODEL, messages=USER, max_tokens=1, tools=[tool],
+                                            tool_choice={"type": "function", "function": {"name": "get_weather"}})
     assert plain.usage is not None and with_tools.usage is not None
     assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 10
 

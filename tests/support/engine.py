@@ -18,6 +18,8 @@ ENGINE_SETTINGS: dict[str, Any] = {
     "enforce_eager": True,
     "max_model_len": 512,
     "kv_cache_memory_bytes": 64 * 1024 * 1024,
+    # As the default configuration has it: compact JSON, so the random model's structured outputs end.
+    "structured_outputs": {"backend": "xgrammar", "disable_any_whitespace": True},
 }
 
 

@@ -153,6 +153,9 @@ class RequestParsing:
             tool_calls = tool_calls[:1]
         if tool_calls and content is not None and not content.strip():
             content = None
+        # vLLM's streaming parser drops it itself; the whole-text one leaves that to the caller.
+        if not self._request.include_reasoning:
+            reasoning = None
         return Parsed(reasoning, content, tool_calls or None)
 
     def stream(self, prompt_ids: list[int]) -> StreamParsing:
