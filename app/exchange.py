@@ -76,6 +76,8 @@ class Exchange:
                     "prompt_tokens": self.stats.prompt_tokens,
                     "completion_tokens": self.stats.completion_tokens,
                     "retries": self.stats.retries,
+                    **({"steps": self.stats.steps, "tool_calls": self.stats.tool_calls}
+                       if self.stats.steps is not None else {}),
                     "client_disconnected": disconnected,
                 },
             )

@@ -39,7 +39,7 @@ def create_app(settings: Settings) -> Quart:
                   description="OpenAI-compatible API for remote and embedded models."),
         scalar_ui_path=None,
     )
-    registry = Registry(settings.models)
+    registry = Registry(settings.models, settings.agents)
     install_state(app.extensions, AppState(
         settings=settings, registry=registry, models_body=openai.models_body(registry.served_names(),
                                                                             registry.created),

@@ -79,6 +79,24 @@ engine_requests = Gauge(
     "helios_engine_requests", "Requests inside an embedded engine (running or waiting), read at scrape time.",
     ["model"], multiprocess_mode="livesum",
 )
+STEP_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50, 100)
+TOOL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+agent_steps = Histogram(
+    "helios_agent_steps", "Model calls one agent request made (tool rounds plus the answer).", ["agent"],
+    buckets=STEP_BUCKETS,
+)
+agent_tool_calls = Counter(
+    "helios_agent_tool_calls", "Server-side tool calls by agent, tool and outcome (ok, error, timeout, "
+    "invalid_arguments, unknown_tool).", ["agent", "tool", "outcome"],
+)
+agent_tool_duration = Histogram(
+    "helios_agent_tool_duration_seconds", "Time one server-side tool call took.", ["agent", "tool"],
+    buckets=TOOL_BUCKETS,
+)
+agent_step_limit = Counter(
+    "helios_agent_step_limit_reached", "Agent requests that ran max_steps rounds and were made to answer.",
+    ["agent"],
+)
 build_info = Gauge(
     "helios_build_info", "Build information; the value is always 1.", ["version", "python", "vllm"],
     multiprocess_mode="livemax",

@@ -285,6 +285,88 @@ def _is_inline_template(value: str) -> bool:
 ModelSettings = Annotated[OpenAIModelSettings | VLLMModelSettings, Field(discriminator="backend")]
 
 
+BUILTIN_TOOLS = ("calculator", "current_time", "http_fetch")
+
+
+class McpServerSettings(_Section):
+    """A Model Context Protocol server whose tools an agent may call: over stdio or streamable HTTP."""
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_-]+$", description="Names the server in /ready and logs.")
+    command: str | None = Field(None, description="stdio: the program to start.")
+    args: list[str] = Field(default_factory=list, description="stdio: its arguments.")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="stdio: its whole environment (the appliance's own is never passed on)."
+    )
+    cwd: Path | None = Field(None, description="stdio: its working directory.")
+    url: str | None = Field(None, pattern=r"^https?://", description="streamable HTTP: the server's MCP endpoint.")
+    headers: dict[str, str] = Field(default_factory=dict, description="HTTP: headers sent as given (no secrets).")
+    header_env: dict[str, str] = Field(
+        default_factory=dict, description="HTTP: header name -> env var holding its value (for keys)."
+    )
+    header_files: dict[str, Path] = Field(
+        default_factory=dict, description="HTTP: header name -> file holding its value (a mounted secret)."
+    )
+    allow_tools: list[str] | None = Field(None, description="Only these of the server's tools (default: all).")
+    deny_tools: list[str] = Field(default_factory=list, description="Never these.")
+    prefix: str = Field("", pattern=r"^[A-Za-z0-9_-]*$", description="Put before every tool name of this server.")
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> McpServerSettings:
+        if (self.command is None) == (self.url is None):
+            raise ValueError(f"MCP server {self.name!r}: set exactly one of command (stdio) or url (HTTP)")
+        return self
+
+
+class AgentSettings(_Section):
+    """A model name behind which the appliance runs a tool-calling loop against one of its models."""
+
+    name: str = Field(min_length=1, description="The model name clients send for the agent.")
+    aliases: list[str] = Field(default_factory=list)
+    model: str = Field(min_length=1, description="The served model (name or alias) the loop calls.")
+    system_prompt: str | None = None
+    system_prompt_file: Path | None = None
+    max_steps: int = Field(10, ge=1, le=100, description="Rounds of tool calls before a final answer is forced.")
+    parallel_tool_calls: bool = Field(True, description="Run the tool calls of one step concurrently.")
+    tool_timeout: float = Field(30.0, gt=0, description="Seconds one tool call may take.")
+    max_tool_output_bytes: int = Field(16384, ge=256, description="Longer tool output is cut (and the model told).")
+    temperature: float | None = Field(None, ge=0, le=2, description="Default; a request may override it.")
+    max_tokens: int | None = Field(None, ge=1, description="Default per model call; a request may override it.")
+    tools: list[Literal["calculator", "current_time", "http_fetch"]] = Field(default_factory=list)
+    http_allow_hosts: list[str] = Field(default_factory=list, description="Hosts http_fetch may GET.")
+    mcp_servers: list[McpServerSettings] = Field(default_factory=list)
+
+    _system_prompt_text: str | None = PrivateAttr(None)
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.name, *self.aliases]
+
+    @model_validator(mode="after")
+    def _check(self) -> AgentSettings:
+        if self.system_prompt is not None and self.system_prompt_file is not None:
+            raise ValueError("set only one of system_prompt, system_prompt_file")
+        if self.system_prompt_file is not None:
+            try:
+                self._system_prompt_text = self.system_prompt_file.read_text(encoding="utf-8")
+            except OSError as exc:
+                raise ValueError(f"cannot read system_prompt_file {str(self.system_prompt_file)!r}: "
+                                 f"{exc.strerror}") from None
+        else:
+            self._system_prompt_text = self.system_prompt
+        if "http_fetch" in self.tools and not self.http_allow_hosts:
+            raise ValueError("the http_fetch tool needs http_allow_hosts (the hosts it may fetch from)")
+        if len(set(self.tools)) != len(self.tools):
+            raise ValueError("a built-in tool is listed twice in tools")
+        names = [server.name for server in self.mcp_servers]
+        if len(set(names)) != len(names):
+            raise ValueError("two mcp_servers have the same name")
+        return self
+
+    @property
+    def system_prompt_text(self) -> str | None:
+        return self._system_prompt_text
+
+
 class EndpointSettings(_Section):
     """A static endpoint declared in TOML: a fixed JSON answer on a fixed path."""
 
@@ -316,6 +398,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     models: list[ModelSettings] = Field(default_factory=list)
+    agents: list[AgentSettings] = Field(default_factory=list)
     endpoints: list[EndpointSettings] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -339,6 +422,15 @@ class Settings(BaseSettings):
                         f"models[{index}]: model name {served!r} is already used by {seen[served]}"
                     )
                 seen[served] = f"models[{index}] ({model.name})"
+        models = set(seen)
+        for index, agent in enumerate(self.agents):
+            for served in agent.served_names:
+                if served in seen:
+                    raise ValueError(f"agents[{index}]: name {served!r} is already used by {seen[served]}")
+                seen[served] = f"agents[{index}] ({agent.name})"
+            if agent.model not in models:
+                what = "an agent; an agent cannot call an agent" if agent.model in seen else "not a served model"
+                raise ValueError(f"agents[{index}].model: {agent.model!r} is {what}")
         routes: set[tuple[str, str]] = set()
         for index, endpoint in enumerate(self.endpoints):
             key = (endpoint.method, endpoint.path)

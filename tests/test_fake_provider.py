@@ -199,7 +199,7 @@ def test_chat_stream_logprobs(oa: openai.OpenAI) -> None:
 def test_chat_stream_tool_calls(oa: openai.OpenAI) -> None:
     chunks = stream(oa, "CreateChatCompletionStreamResponse", model="m", messages=USER, tools=TOOLS)
     deltas = [c["choices"][0]["delta"] for c in chunks]
-    first = deltas[0]["tool_calls"][0]
+    first = next(d["tool_calls"][0] for d in deltas if d.get("tool_calls"))
     assert first["id"] and first["type"] == "function" and first["function"]["name"] == "get_weather"
     fragments = [d["tool_calls"][0]["function"]["arguments"] for d in deltas if d.get("tool_calls")]
     assert len(fragments) > 3

@@ -29,6 +29,9 @@ class CallStats:
     retries: int = 0
     #: why the backend call failed, for the upstream-errors metric (timeout, connection, status_5xx, ...)
     error_kind: str | None = None
+    #: for agents: model calls made and server-side tool calls run
+    steps: int | None = None
+    tool_calls: int | None = None
 
 
 class Backend(ABC):

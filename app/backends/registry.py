@@ -9,7 +9,7 @@ from functools import partial
 
 from app import fatal
 from app.backends.base import Backend
-from app.settings import ModelSettings
+from app.settings import AgentSettings, ModelSettings
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +33,22 @@ def build_backends(settings: ModelSettings) -> list[tuple[Backend, list[str], tu
     return built
 
 
+def build_agent(settings: AgentSettings, model: Backend) -> Backend:
+    from app.agents.builtins import Builtins
+    from app.agents.loop import AgentBackend
+    from app.agents.tools import ToolSource
+
+    sources: list[ToolSource] = [Builtins(settings)]
+    if settings.mcp_servers:
+        from app.agents.mcp import McpToolSource
+
+        sources += [McpToolSource(server, settings.tool_timeout, settings.max_tool_output_bytes)
+                    for server in settings.mcp_servers]
+    return AgentBackend(settings, model, sources)
+
+
 class Registry:
-    def __init__(self, models: list[ModelSettings]) -> None:
+    def __init__(self, models: list[ModelSettings], agents: list[AgentSettings] | None = None) -> None:
         self.created = int(time.time())
         self.backends: list[Backend] = []
         self._described: list[tuple[str, str, str]] = []
@@ -46,6 +60,13 @@ class Registry:
                 self._described.append(described)
                 for served in names:
                     self._by_name[served] = backend
+        # Agents after models: each calls one served model (the settings reject agents calling agents).
+        for agent in agents or ():
+            backend = build_agent(agent, self._by_name[agent.model])
+            self.backends.append(backend)
+            self._described.append((agent.name, "agent", agent.model))
+            for served in agent.served_names:
+                self._by_name[served] = backend
 
     def find(self, name: str) -> Backend | None:
         """The backend serving ``name`` (a model name or alias), if any."""

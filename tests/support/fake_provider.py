@@ -11,6 +11,12 @@ Behaviour is picked by the request's ``model`` field:
 * ``error-event``: streams answer 200 with an OpenAI ``error`` event as their only event (as providers do
   when a stream fails after the status was sent); non-streaming requests are answered normally
 * ``slow-chunks-MS``: a 1000-word stream with MS milliseconds between chunks
+* ``tool-script``: an agent's model. The last user message is JSON ``{"rounds": [[call, ...], ...]}`` with
+  calls ``{"name": ..., "arguments": {...}}`` (or ``"raw": "<text>"`` for arguments that are not JSON), whose
+  ids are ``call_s<round>_<i>``. The next round is the one after the latest round with a result since that user
+  message (so a conversation resumed after a client-side call goes on from there); after the last
+  round, or with ``tool_choice: "none"``, it answers ``results: <tool_call_id>=<content> | ...``, quoting every
+  tool result since the user message in order, so tests see what reached the model
 
 Served ``model`` fields are the requested name plus :data:`MODEL_SUFFIX`, so tests can
 prove a gateway rewrites them.
@@ -286,30 +292,68 @@ def _tool_call_id(index: int) -> str:
     return f"call_fake{index:04d}"
 
 
+def _call_id(call_id: str, choice: int) -> str:
+    # Choices of an n>1 answer call the same tools under their own ids.
+    return call_id if choice == 0 else f"{call_id}_{choice}"
+
+
 @dataclass
 class _ChatPlan:
     """Everything a chat answer needs, computed once from the request."""
 
     model: str
     n: int
-    tool: str | None
+    #: the tool calls of the answer: (id, name, argument fragments as streamed); None answers in text
+    calls: list[tuple[str, str, list[str]]] | None
     logprobs: bool
     top_logprobs: int
     answers: list[tuple[list[str], str]] = field(default_factory=list)
 
     @property
     def completion_tokens(self) -> int:
-        if self.tool is not None:
-            return len(TOOL_ARGUMENT_FRAGMENTS) * self.n
+        if self.calls is not None:
+            return sum(len(fragments) for _, _, fragments in self.calls) * self.n
         return sum(len(words) for words, _ in self.answers)
+
+
+def _since_last_user(body: Json) -> list[Json]:
+    messages = [m for m in body.get("messages") or () if isinstance(m, dict)]
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=-1)
+    return messages[last + 1:]
+
+
+def _script(body: Json) -> tuple[list[tuple[str, str, list[str]]] | None, str]:
+    """A ``tool-script`` answer: this round's calls, or the text quoting the tool results."""
+    later = _since_last_user(body)
+    answered = [int(m.group(1)) for t in later if t.get("role") == "tool"
+                if (m := re.fullmatch(r"call_s(\d+)_\d+", str(t.get("tool_call_id"))))]
+    done = max(answered) + 1 if answered else 0
+    try:
+        rounds = json.loads(_last_user_text(body)).get("rounds", [])
+    except (ValueError, AttributeError):
+        rounds = []
+    if done < len(rounds) and body.get("tool_choice") != "none" and body.get("tools"):
+        calls = []
+        for i, call in enumerate(rounds[done]):
+            arguments = call["raw"] if "raw" in call else json.dumps(call.get("arguments", {}))
+            half = len(arguments) // 2
+            calls.append((f"call_s{done}_{i}", call["name"], [arguments[:half], arguments[half:]]))
+        return calls, ""
+    results = [f"{m.get('tool_call_id')}={_text_of(m.get('content'))}" for m in later if m.get("role") == "tool"]
+    return None, "results: " + " | ".join(results)
 
 
 def _chat_plan(body: Json, behaviour: Behaviour) -> _ChatPlan:
     base = "echo: " + _last_user_text(body)
+    calls: list[tuple[str, str, list[str]]] | None = None
+    if str(body.get("model")) == "tool-script":
+        calls, base = _script(body)
+    elif (tool := _chat_tool(body)) is not None:
+        calls = [(_tool_call_id(0), tool, list(TOOL_ARGUMENT_FRAGMENTS))]
     plan = _ChatPlan(
         model=served_model(str(body.get("model", ""))),
         n=_positive_int(body.get("n"), 1),
-        tool=_chat_tool(body),
+        calls=calls,
         logprobs=body.get("logprobs") is True,
         top_logprobs=_positive_int(body.get("top_logprobs"), 0),
     )
@@ -324,16 +368,17 @@ def chat_completion(body: Json, behaviour: Behaviour, completion_id: str, create
     for index, (words, text_finish) in enumerate(plan.answers):
         message: Json
         finish = text_finish
-        if plan.tool is not None:
+        if plan.calls is not None:
             message = {
                 "role": "assistant",
                 "content": None,
                 "tool_calls": [
                     {
-                        "id": _tool_call_id(index),
+                        "id": _call_id(call_id, index),
                         "type": "function",
-                        "function": {"name": plan.tool, "arguments": TOOL_ARGUMENTS},
+                        "function": {"name": name, "arguments": "".join(fragments)},
                     }
+                    for call_id, name, fragments in plan.calls
                 ],
                 "refusal": None,
                 "annotations": [],
@@ -342,7 +387,7 @@ def chat_completion(body: Json, behaviour: Behaviour, completion_id: str, create
         else:
             message = {"role": "assistant", "content": " ".join(words), "refusal": None, "annotations": []}
         logprobs: Json | None = None
-        if plan.logprobs and plan.tool is None:
+        if plan.logprobs and plan.calls is None:
             content = [_token_logprob(p, i, plan.top_logprobs) for i, p in enumerate(_pieces(words))]
             logprobs = {"content": content, "refusal": None}
         choices.append({"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish})
@@ -383,20 +428,21 @@ def chat_chunks(body: Json, behaviour: Behaviour, completion_id: str, created: i
 
     for index in range(plan.n):
         delta: Json = {"role": "assistant", "content": "", "refusal": None}
-        if plan.tool is not None:
+        if plan.calls is not None:
             delta["content"] = None
-            delta["tool_calls"] = [
-                {
-                    "index": 0,
-                    "id": _tool_call_id(index),
-                    "type": "function",
-                    "function": {"name": plan.tool, "arguments": ""},
-                }
-            ]
         yield chunk([choice(index, delta)])
 
-    if plan.tool is not None:
-        streams = [list(TOOL_ARGUMENT_FRAGMENTS) for _ in range(plan.n)]
+    if plan.calls is not None:
+        # Each call: a first delta with id, type and name, then its arguments in fragments, as OpenAI streams.
+        for index in range(plan.n):
+            for number, (call_id, name, fragments) in enumerate(plan.calls):
+                yield chunk([choice(index, {"tool_calls": [{"index": number, "id": _call_id(call_id, index),
+                                                            "type": "function",
+                                                            "function": {"name": name, "arguments": ""}}]})])
+                for piece in fragments:
+                    yield chunk([choice(index, {"tool_calls": [{"index": number,
+                                                                "function": {"arguments": piece}}]})])
+        streams: list[list[str]] = []
     else:
         streams = [_pieces(words) for words, _ in plan.answers]
     # OpenAI interleaves the choices of an n>1 stream, one choice per chunk.
@@ -404,19 +450,16 @@ def chat_chunks(body: Json, behaviour: Behaviour, completion_id: str, created: i
         for index, piece in enumerate(row):
             if piece is None:
                 continue
-            if plan.tool is not None:
-                yield chunk([choice(index, {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]})])
-            else:
-                logprobs = None
-                if plan.logprobs:
-                    logprobs = {
-                        "content": [_token_logprob(piece, position, plan.top_logprobs)],
-                        "refusal": None,
-                    }
-                yield chunk([choice(index, {"content": piece}, logprobs)])
+            logprobs = None
+            if plan.logprobs:
+                logprobs = {
+                    "content": [_token_logprob(piece, position, plan.top_logprobs)],
+                    "refusal": None,
+                }
+            yield chunk([choice(index, {"content": piece}, logprobs)])
 
     for index, (_, finish) in enumerate(plan.answers):
-        yield chunk([choice(index, {}, None, "tool_calls" if plan.tool is not None else finish)])
+        yield chunk([choice(index, {}, None, "tool_calls" if plan.calls is not None else finish)])
 
     if include_usage:
         yield chunk([], _chat_usage(_prompt_tokens(body), plan.completion_tokens))
@@ -702,6 +745,9 @@ class FakeProvider:
         app.router.add_post("/v1/embeddings", self._handle_embeddings)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/v1/models/{model}", self._handle_model)
+        # Plain web pages, for agents' http_fetch tool.
+        app.router.add_get("/pages/sleep/{seconds}", self._handle_sleep_page)
+        app.router.add_get("/pages/redirect", self._handle_redirect_page)
         app.router.add_route("*", "/{tail:.*}", self._handle_unknown)
         # Short shutdown timeout: a slow-N handler must not hold up stop().
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
@@ -884,6 +930,18 @@ class FakeProvider:
         if "input" not in body:
             return self._error(400, "you must provide an input parameter", "input")
         return await self._json(request, embeddings(body), behaviour)
+
+    async def _handle_sleep_page(self, request: web.Request) -> web.StreamResponse:
+        """``GET /pages/sleep/S``: a text page after S seconds."""
+        await self._record(request)
+        seconds = float(request.match_info["seconds"])
+        await asyncio.sleep(seconds)
+        return web.Response(text=f"slept {seconds:g} s", content_type="text/plain")
+
+    async def _handle_redirect_page(self, request: web.Request) -> web.StreamResponse:
+        """``GET /pages/redirect?to=URL``: a 302 to URL."""
+        await self._record(request)
+        raise web.HTTPFound(request.query["to"])
 
     async def _handle_models(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)
