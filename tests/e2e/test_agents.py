@@ -18,6 +18,7 @@ import httpx2
 import openai
 import pytest
 
+from tests.e2e.agents_support import calc, results, script
 from tests.e2e.gateway import client, remote_model, stream_payloads, validated_chunks
 from tests.support.fake_provider import FakeProvider
 from tests.support.openapi import validate
@@ -56,21 +57,6 @@ def gateway(fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactor
 @pytest.fixture()
 def oa(gateway: HeliosProcess, provider: FakeProvider) -> openai.OpenAI:
     return client(gateway.base_url, timeout=60)
-
-
-def script(*rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"role": "user", "content": json.dumps({"rounds": list(rounds)})}]
-
-
-def calc(expression: str) -> dict[str, Any]:
-    return {"name": "calculator", "arguments": {"expression": expression}}
-
-
-def results(content: str | None) -> dict[str, str]:
-    """The scripted model's quoted tool results: call id -> result text."""
-    assert content and content.startswith("results: "), content
-    pairs = [part.split("=", 1) for part in content.removeprefix("results: ").split(" | ") if part]
-    return {key: value for key, value in pairs}
 
 
 def _steps(text: str) -> str:

@@ -29,6 +29,7 @@ PLAIN = "tiny"  # no parser: required and named tool choices only
 HERMES = "tiny-hermes"  # tool_call_parser = hermes, auto tool choice
 THINK = "tiny-think"  # reasoning_parser = deepseek_r1 with hermes
 EMBED = "tiny-embed"  # runner = pooling, convert = embed
+AGENT = "tiny-agent"  # an agent over PLAIN with the calculator and clock
 
 USER = [{"role": "user", "content": "What is the weather in Paris, and what time is it there?"}]
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -60,6 +61,8 @@ def gateway(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
              "structured_outputs": {**ENGINE_SETTINGS["structured_outputs"], "enable_in_reasoning": True}},
             {**model, "name": EMBED, "runner": "pooling", "convert": "embed"},
         ],
+        "agents": [{"name": AGENT, "model": PLAIN, "tools": ["calculator", "current_time"], "max_steps": 2,
+                    "max_tokens": 120, "system_prompt": "Use the tools."}],
     }
     process = HeliosProcess(config, engine_env(scratch), workdir=scratch)
     try:
@@ -330,3 +333,28 @@ def test_parser_settings_are_checked_at_start_up(demo_model_dir: Path, tmp_path:
     auto = run_cli([], {"models": [{**model, "enable_auto_tool_choice": True}]}, timeout=30)
     assert auto.returncode == 2
     assert "models[0]: enable_auto_tool_choice needs tool_call_parser to be set" in auto.stderr
+
+
+def test_an_agent_loop_driven_by_the_engine(oa: openai.OpenAI) -> None:
+    # The demo model never calls a tool by itself; tool_choice "required" makes it call one every round, so
+    # the loop runs the tools max_steps times and then makes it answer.
+    params: dict[str, Any] = dict(model=AGENT, messages=USER, tool_choice="required", seed=2, temperature=1.0)
+    raw = oa.chat.completions.with_raw_response.create(**params)
+    data = raw.http_response.json()
+    validate("CreateChatCompletionResponse", data)
+    message = data["choices"][0]["message"]
+    steps = message["reasoning_content"]
+    for step in (1, 2):
+        assert re.search(rf"\[step {step}\] → (calculator|current_time)\(", steps), steps
+        assert re.search(rf"\[step {step}\] ← (calculator|current_time)", steps), steps
+    assert "[step limit] 2 rounds" in steps
+    assert data["choices"][0]["finish_reason"] in ("stop", "length")
+    assert data["usage"]["prompt_tokens"] > 3 * 300, "three model calls, each with the tool schemas"
+    chunks = validated_chunks(stream_payloads(oa, **params))
+    streamed = "".join(c["choices"][0]["delta"].get("reasoning_content", "") for c in chunks if c["choices"])
+    assert _timeless(streamed) == _timeless(steps), "one seed, the same steps"
+
+
+def _timeless(steps: str) -> str:
+    """Step lines without what differs between two runs: durations and the clock's readings."""
+    return re.sub(r" in \d+ ms|\d{4}-\d\d-\d\dT[\d:]+[+-]\d\d:\d\d", "", steps)
