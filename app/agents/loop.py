@@ -166,6 +166,7 @@ class AgentBackend(Backend):
 
     async def chat(self, request: ChatCompletionRequest, body: bytes, served_as: str, stats: CallStats) -> bytes:
         run = self._begin(request, stats)
+        said: list[str] = []  # the model's text of every round, as a stream would have shown it
         while True:
             data = json.loads(await self._call(run))
             if run.final:
@@ -175,6 +176,8 @@ class AgentBackend(Backend):
             message, finish = choice["message"], choice["finish_reason"]
             if message.get("reasoning_content"):
                 run.reasoning.append(message["reasoning_content"])
+            if message.get("content"):
+                said.append(message["content"])
             calls = [_Call(c["id"], c["function"]["name"], c["function"]["arguments"])
                      for c in message.get("tool_calls") or ()]
             client = [call for call in calls if call.name in run.client_tools]
@@ -182,7 +185,7 @@ class AgentBackend(Backend):
             if client or not server or run.final:
                 break
             await self._run_tools(run, message.get("content"), server, run.reasoning.append)
-        answer: dict[str, Any] = {"role": "assistant", "content": message.get("content"), "refusal": None}
+        answer: dict[str, Any] = {"role": "assistant", "content": "".join(said) or None, "refusal": None}
         if client:
             # Server-side calls of the same answer are not run: the client's next request resumes from here.
             answer["tool_calls"] = [call.message() for call in client]
