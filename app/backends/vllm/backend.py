@@ -113,10 +113,22 @@ class VLLMBackend(Backend):
             "disable_log_stats": False,
         }
         if s.lora_adapters:
-            args.update(enable_lora=True, max_loras=s.max_loras, max_lora_rank=s.max_lora_rank)
+            args.update(enable_lora=True, max_loras=self._lora_slots(vllm), max_lora_rank=s.max_lora_rank)
         args = {k: v for k, v in args.items() if v is not None}
         args.update(s.engine_args)
         return args
+
+    def _lora_slots(self, vllm: VLLMNames) -> int:
+        """The engine's max_loras: the configured one, except on the CPU.
+
+        vLLM's CPU LoRA kernels read the "no adapter" index (-1) of a base-model request as the engine's last
+        LoRA slot, so a base-model request batched with an adapter's gets that adapter's weights (vLLM pull
+        requests 48421 and 49656, unmerged in 0.32.0). One slot per adapter plus one that no adapter ever
+        takes (vLLM fills the first free slot) keeps the last slot's weights zero."""
+        s = self.settings
+        if not vllm.on_cpu:
+            return s.max_loras
+        return max(s.max_loras, len(s.lora_adapters)) + 1
 
     async def _load_adapters(self) -> None:
         assert self._vllm is not None

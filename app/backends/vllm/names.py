@@ -21,6 +21,7 @@ class VLLMNames:
         from vllm.lora.request import LoRARequest
         from vllm.parser import ParserManager
         from vllm.parser.abstract_parser import DelegatingParser
+        from vllm.platforms import current_platform
         from vllm.reasoning import ReasoningParserManager
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
         from vllm.tool_parsers import ToolParser, ToolParserManager
@@ -28,6 +29,7 @@ class VLLMNames:
         from vllm.v1.engine.exceptions import EngineDeadError
 
         self.__version__: str = vllm.__version__
+        self.on_cpu: bool = current_platform.is_cpu()
         self.AsyncEngineArgs: Any = AsyncEngineArgs
         self.AsyncLLM: Any = AsyncLLM
         self.StructuredOutputsConfig: Any = StructuredOutputsConfig
