@@ -6,9 +6,14 @@ Raw asyncio protocol on uvloop, HTTP/1.1 with keep-alive. Serves:
   ``--tokens`` content chunks (the request's ``max_tokens`` overrides it) and ``--delay`` seconds between
   chunks (zero think time by default). With ``stream_options.include_usage`` every chunk carries
   ``"usage":null`` and a last chunk with empty ``choices`` carries the usage, as OpenAI does.
+- Tool calling, for agent benchmarks: a model named ``tools-N`` (N a number) given ``tools`` answers with
+  one call of the built-in ``calculator`` (arguments ``{"expression": "6 * 7"}``, ``finish_reason:
+  "tool_calls"``, streamed as the call's header and three argument fragments) while the conversation holds
+  fewer than N assistant tool-call messages since the last user message, and in text after that (or with
+  ``tool_choice: "none"``). Any other model, or no ``tools``, answers in text as below.
 - ``GET /v1/models``, ``GET /health``.
 
-With no delay a whole response is built once per (kind, model, length, usage) and cached, so one
+With no delay a whole response is built once per (kind, model, length, usage, round) and cached, so one
 request costs a header parse, a small ``json.loads`` and one ``transport.write``.
 
     python -m bench.provider --port 9100 [--tokens 16] [--delay 0.0]
@@ -28,6 +33,11 @@ _FINGERPRINT = "fp_bench"
 _PROMPT_TOKENS = 12
 _MAX_TOKENS = 8192
 _HEADER_LIMIT = 65536
+_TOOLS_PREFIX = "tools-"
+TOOL_NAME = "calculator"
+TOOL_ARGUMENTS = '{"expression": "6 * 7"}'
+_TOOL_PIECES = ('{"expression": ', '"6 * 7', '"}')  # streamed argument fragments, joined: TOOL_ARGUMENTS
+_TOOL_TOKENS = 12  # completion tokens a tool-call answer reports
 
 
 def _head(status: str, content_type: str, length: int | None, close: bool) -> bytes:
@@ -46,38 +56,89 @@ def _dumps(value: Any) -> bytes:
     return json.dumps(value, separators=(",", ":")).encode()
 
 
-def chat_body(model: str, tokens: int) -> bytes:
-    content = " ".join(f"tok{i}" for i in range(tokens))
+def _usage(completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": _PROMPT_TOKENS, "completion_tokens": completion_tokens,
+            "total_tokens": _PROMPT_TOKENS + completion_tokens}
+
+
+def _completion(model: str, message: dict[str, Any], finish: str, completion_tokens: int) -> bytes:
     return _dumps({
         "id": _ID, "object": "chat.completion", "created": CREATED, "model": model,
         "system_fingerprint": _FINGERPRINT,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": content, "refusal": None},
-                     "logprobs": None, "finish_reason": "stop"}],
-        "usage": {"prompt_tokens": _PROMPT_TOKENS, "completion_tokens": tokens,
-                  "total_tokens": _PROMPT_TOKENS + tokens},
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+        "usage": _usage(completion_tokens),
     })
 
 
-def stream_events(model: str, tokens: int, include_usage: bool) -> list[bytes]:
-    """The SSE events of one streamed answer: role chunk, ``tokens`` content chunks, finish, usage, DONE."""
+def chat_body(model: str, tokens: int) -> bytes:
+    content = " ".join(f"tok{i}" for i in range(tokens))
+    return _completion(model, {"role": "assistant", "content": content, "refusal": None}, "stop", tokens)
+
+
+def tool_call_id(round_index: int) -> str:
+    """The id of the call the ``tools-N`` model makes in its round ``round_index`` (0-based)."""
+    return f"call_bench{round_index}"
+
+
+def tool_call_body(model: str, round_index: int) -> bytes:
+    """A whole answer calling the calculator once."""
+    call = {"id": tool_call_id(round_index), "type": "function",
+            "function": {"name": TOOL_NAME, "arguments": TOOL_ARGUMENTS}}
+    message = {"role": "assistant", "content": None, "refusal": None, "tool_calls": [call]}
+    return _completion(model, message, "tool_calls", _TOOL_TOKENS)
+
+
+def _events(model: str, include_usage: bool, deltas: list[dict[str, Any]], finish: str,
+            completion_tokens: int) -> list[bytes]:
+    """SSE events: one chunk per delta, the finish chunk, the usage chunk when asked for, DONE."""
     base: dict[str, Any] = {"id": _ID, "object": "chat.completion.chunk", "created": CREATED, "model": model,
                             "system_fingerprint": _FINGERPRINT}
     if include_usage:
         base["usage"] = None
 
-    def chunk(delta: dict[str, Any], finish: str | None) -> bytes:
-        doc = dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}])
+    def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
+        doc = dict(base, choices=[{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
         return b"data: " + _dumps(doc) + b"\n\n"
 
-    events = [chunk({"role": "assistant", "content": "", "refusal": None}, None)]
-    events.extend(chunk({"content": f" tok{i}"}, None) for i in range(tokens))
-    events.append(chunk({}, "stop"))
+    events = [chunk(delta, None) for delta in deltas]
+    events.append(chunk({}, finish))
     if include_usage:
-        usage = {"prompt_tokens": _PROMPT_TOKENS, "completion_tokens": tokens,
-                 "total_tokens": _PROMPT_TOKENS + tokens}
-        events.append(b"data: " + _dumps(dict(base, choices=[], usage=usage)) + b"\n\n")
+        events.append(b"data: " + _dumps(dict(base, choices=[], usage=_usage(completion_tokens))) + b"\n\n")
     events.append(b"data: [DONE]\n\n")
     return events
+
+
+def stream_events(model: str, tokens: int, include_usage: bool) -> list[bytes]:
+    """The SSE events of one streamed answer: role chunk, ``tokens`` content chunks, finish, usage, DONE."""
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": "", "refusal": None}]
+    deltas.extend({"content": f" tok{i}"} for i in range(tokens))
+    return _events(model, include_usage, deltas, "stop", tokens)
+
+
+def tool_call_events(model: str, round_index: int, include_usage: bool) -> list[bytes]:
+    """A streamed calculator call, as OpenAI streams one: the call's id and name with empty arguments, then
+    the arguments in fragments, then ``finish_reason: "tool_calls"``."""
+    head = {"index": 0, "id": tool_call_id(round_index), "type": "function",
+            "function": {"name": TOOL_NAME, "arguments": ""}}
+    deltas: list[dict[str, Any]] = [{"role": "assistant", "content": None, "refusal": None, "tool_calls": [head]}]
+    deltas.extend({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} for piece in _TOOL_PIECES)
+    return _events(model, include_usage, deltas, "tool_calls", _TOOL_TOKENS)
+
+
+def tool_round(request: dict[str, Any], model: str) -> int | None:
+    """For a ``tools-N`` model given tools: the 0-based round of the tool call to answer with, or None to
+    answer in text (N calls made since the last user message, ``tool_choice: "none"``, another model)."""
+    rounds_text = model[len(_TOOLS_PREFIX):]
+    if not rounds_text.isdigit() or not request.get("tools") or request.get("tool_choice") == "none":
+        return None
+    made = 0
+    for message in reversed(request.get("messages") or ()):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role == "user":
+            break
+        if role == "assistant" and message.get("tool_calls"):
+            made += 1
+    return made if made < int(rounds_text) else None
 
 
 def _chunked(event: bytes) -> bytes:
@@ -122,6 +183,21 @@ class Provider:
         found = self._cache.get(key)
         if found is None:
             events = stream_events(model, tokens, usage)
+            found = self._cache[key] = _STREAM_HEAD + b"".join(map(_chunked, events)) + _CHUNKED_END
+        return found
+
+    def tool_chat(self, model: str, round_index: int) -> bytes:
+        key = ("tool-chat", model, round_index)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._cache[key] = _json_response("200 OK", tool_call_body(model, round_index))
+        return found
+
+    def tool_stream(self, model: str, round_index: int, usage: bool) -> bytes:
+        key = ("tool-stream", model, round_index, usage)
+        found = self._cache.get(key)
+        if found is None:
+            events = tool_call_events(model, round_index, usage)
             found = self._cache[key] = _STREAM_HEAD + b"".join(map(_chunked, events)) + _CHUNKED_END
         return found
 
@@ -198,6 +274,8 @@ class Connection(asyncio.Protocol):
                 transport.write(_BAD_REQUEST)
                 transport.close()
                 return
+            if model.startswith(_TOOLS_PREFIX) and self._tool_call(request, model):
+                return
             if not request.get("stream"):
                 transport.write(provider.chat(model, tokens))
                 return
@@ -206,7 +284,7 @@ class Connection(asyncio.Protocol):
             if provider.delay <= 0:
                 transport.write(provider.stream(model, tokens, usage))
                 return
-            self.busy = asyncio.get_running_loop().create_task(self._paced(model, tokens, usage))
+            self.busy = asyncio.get_running_loop().create_task(self._paced(stream_events(model, tokens, usage)))
             return
         if method == "GET" and path.endswith("/models"):
             transport.write(provider.models())
@@ -215,9 +293,34 @@ class Connection(asyncio.Protocol):
         else:
             transport.write(_NOT_FOUND)
 
-    async def _paced(self, model: str, tokens: int, usage: bool) -> None:
+    def _tool_call(self, request: dict[str, Any], model: str) -> bool:
+        """A ``tools-N`` model: answer with a calculator call and return True, or return False (N calls made
+        already: the caller answers in text)."""
+        transport = self.transport
+        assert transport is not None
+        provider = self.provider
         try:
-            events = stream_events(model, tokens, usage)
+            round_index = tool_round(request, model)
+        except TypeError:  # messages that are not a list
+            transport.write(_BAD_REQUEST)
+            transport.close()
+            return True
+        if round_index is None:
+            return False
+        if not request.get("stream"):
+            transport.write(provider.tool_chat(model, round_index))
+            return True
+        options = request.get("stream_options") or {}
+        usage = bool(isinstance(options, dict) and options.get("include_usage"))
+        if provider.delay <= 0:
+            transport.write(provider.tool_stream(model, round_index, usage))
+        else:
+            self.busy = asyncio.get_running_loop().create_task(
+                self._paced(tool_call_events(model, round_index, usage)))
+        return True
+
+    async def _paced(self, events: list[bytes]) -> None:
+        try:
             delay = self.provider.delay
             if self.transport is None:
                 return

@@ -76,7 +76,16 @@ class Target:
         return procs.rss_bytes(self.pid)
 
 
-def helios_service(workdir: Path, provider_port: int, workers: int) -> procs.Service:
+def provider_service(workdir: Path, tokens: int = NONSTREAM_TOKENS) -> procs.Service:
+    """The provider imitation (bench/provider.py) on a free port."""
+    port = procs.free_port()
+    return procs.Service("provider", [PYTHON, "-m", "bench.provider", "--port", str(port), "--tokens", str(tokens)],
+                         port, "/health", cwd=str(ROOT), log_path=workdir / "provider.log")
+
+
+def helios_service(workdir: Path, provider_port: int, workers: int, *, upstream_model: str = "gpt-4o",
+                   extra_config: str = "") -> procs.Service:
+    """Helios with one remote model ``m`` on the provider (as ``upstream_model``), plus ``extra_config`` TOML."""
     port = procs.free_port()
     config = workdir / f"helios-w{workers}.toml"
     config.write_text(f"""
@@ -94,9 +103,9 @@ name = "m"
 backend = "openai"
 base_url = "http://127.0.0.1:{provider_port}/v1"
 api_key = "sk-x"
-upstream_model = "gpt-4o"
+upstream_model = "{upstream_model}"
 max_retries = 0
-""")
+{extra_config}""")
     return procs.Service(f"helios-w{workers}", [PYTHON, "-m", "app"], port, "/ready",
                          env={"HELIOS_CONFIG": str(config)}, cwd=str(ROOT),
                          log_path=workdir / f"helios-w{workers}.log")
@@ -448,13 +457,10 @@ class Bench:
     # ---- processes ---------------------------------------------------------------------------------
 
     def start_provider(self) -> Target:
-        port = procs.free_port()
-        provider = procs.Service("provider", [PYTHON, "-m", "bench.provider", "--port", str(port),
-                                              "--tokens", str(NONSTREAM_TOKENS)],
-                                 port, "/health", cwd=str(ROOT), log_path=self.workdir / "provider.log")
+        provider = provider_service(self.workdir)
         provider.start()
         self.services.append(provider)
-        direct = self.targets["direct"] = Target("direct", port, "gpt-4o", provider, provider.pid)
+        direct = self.targets["direct"] = Target("direct", provider.port, "gpt-4o", provider, provider.pid)
         warm(direct, self.plan.warmup)
         return direct
 

@@ -240,7 +240,8 @@ class AgentBackend(Backend):
 
     def _model_request(self, run: _Run, *, stream: bool) -> tuple[ChatCompletionRequest, bytes]:
         """The next model call; after max_steps rounds of tools, the last one, made to answer."""
-        body = {**run.base, "model": self._model_name, "messages": run.messages}
+        # "model" first: the remote backend then rewrites it in the bytes without re-parsing the body.
+        body = {"model": self._model_name, **run.base, "messages": run.messages}
         run.final = run.step >= self.settings.max_steps
         run.step += 1
         if run.final:
