@@ -24,6 +24,7 @@ __all__ = [
     "load_dashboard",
     "load_yaml",
     "panel_queries",
+    "panel_rows",
     "substitute",
 ]
 
@@ -35,16 +36,24 @@ DATASOURCES = CONFIG / "grafana" / "provisioning" / "datasources" / "prometheus.
 DASHBOARD_PROVIDER = CONFIG / "grafana" / "provisioning" / "dashboards" / "helios.yml"
 DASHBOARD = CONFIG / "grafana" / "dashboards" / "helios-serve.json"
 
-_MODEL_VARIABLE = re.compile(r"\$model\b|\$\{model(?::[a-z]+)?\}|\[\[model\]\]")
+
+def _variable(name: str) -> re.Pattern[str]:
+    """Grafana's three spellings of a template variable: $name, ${name} (with a format), [[name]]."""
+    return re.compile(rf"\${name}\b|\$\{{{name}(?::[a-z]+)?\}}|\[\[{name}\]\]")
+
+
+_MODEL_VARIABLE = _variable("model")
+_AGENT_VARIABLE = _variable("agent")
 
 
 @dataclass(frozen=True)
 class PanelQuery:
-    """One target of one panel."""
+    """One target of one panel, and the title of the row the panel is in ("" above the first row)."""
 
     panel: str
     ref_id: str
     expr: str
+    row: str = ""
 
     @property
     def needs_vllm(self) -> bool:
@@ -80,20 +89,39 @@ def data_panels(dashboard: dict[str, Any]) -> list[dict[str, Any]]:
     return [panel for panel in _panels(dashboard["panels"]) if panel.get("type") != "row"]
 
 
+def panel_rows(dashboard: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Every panel that is not a row, with the title of its row.
+
+    A panel belongs to the last row before it in the list (test_dashboard checks that the list is in layout
+    order, so that is the row it is shown under), or to the collapsed row that nests it.
+    """
+    rows: list[tuple[str, dict[str, Any]]] = []
+    row = ""
+    for panel in dashboard["panels"]:
+        if panel.get("type") == "row":
+            row = panel.get("title", "")
+            rows.extend((row, nested) for nested in panel.get("panels", []))
+        else:
+            rows.append((row, panel))
+    return rows
+
+
 def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
     """Every PromQL target of every panel."""
     return [
-        PanelQuery(panel["title"], target.get("refId", "?"), target["expr"])
-        for panel in data_panels(dashboard)
+        PanelQuery(panel["title"], target.get("refId", "?"), target["expr"], row)
+        for row, panel in panel_rows(dashboard)
         for target in panel.get("targets", [])
         if target.get("expr")
     ]
 
 
-def substitute(expr: str, model: str, rate_interval: str = "30s") -> str:
-    """The query as Grafana would send it: the model variable and the interval macros replaced."""
+def substitute(expr: str, model: str, rate_interval: str = "30s", *, agent: str | None = None) -> str:
+    """The query as Grafana would send it: the model (and agent) variables and the interval macros replaced."""
     # A function, not a template: backslashes in the value (escaped regex) must stay as they are.
     expr = _MODEL_VARIABLE.sub(lambda _: model, expr)
+    if agent is not None:
+        expr = _AGENT_VARIABLE.sub(lambda _: agent, expr)
     for macro, value in (("$__rate_interval", rate_interval), ("$__interval", "15s"), ("$__range", "1h")):
         expr = expr.replace(macro, value)
     if "$" in expr:

@@ -17,8 +17,18 @@ from tests.observability.dashboard import (
     panel_queries,
 )
 
-# helios_ metrics without a model label (app/metrics.py); every other one must be filtered by $model.
+# helios_ metrics without a model label (app/metrics.py); every other one must be filtered by $model
+# (or, on the Agents row, by $agent).
 NO_MODEL_LABEL = {"helios_overhead_seconds", "helios_build_info"}
+# helios_ metrics labelled agent (the agent's name) instead of model (app/metrics.py).
+AGENT_LABEL = {
+    "helios_agent_steps",
+    "helios_agent_tool_calls_total",
+    "helios_agent_tool_duration_seconds",
+    "helios_agent_step_limit_reached_total",
+}
+# The row whose panels are filtered by $agent; every other row's are filtered by $model.
+AGENTS_ROW = "Agents"
 # A metric name and its optional selector; ":" so recording-rule style names like vllm:x match too.
 _SELECTOR = re.compile(r"\b((?:helios_|vllm:)[a-zA-Z0-9_:]*)(\{[^}]*\})?")
 _RANGE = re.compile(r"\[([^\]]*)\]")
@@ -84,6 +94,40 @@ def test_model_variable(dashboard: dict[str, Any], datasource_uid: str) -> None:
     assert model["datasource"]["uid"] == datasource_uid
 
 
+def test_agent_variable(dashboard: dict[str, Any], datasource_uid: str) -> None:
+    """$agent lists the configured agents; its "All" sends that list, never a regex matching everything."""
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    agent = variables["agent"]
+    assert agent["type"] == "query"
+    query = agent["query"]["query"] if isinstance(agent["query"], dict) else agent["query"]
+    # Agents are in helios_model_info (backend "agent") from start-up, under the name their agent label carries.
+    assert query == 'label_values(helios_model_info{backend="agent"}, model)'
+    assert agent["multi"] is True
+    assert agent["includeAll"] is True
+    # Without allValue Grafana sends "All" as (a|b|...): model=~"$agent" then matches agents only, not models.
+    assert not agent.get("allValue"), 'allValue ".*" would make model=~"$agent" match every model'
+    assert agent["datasource"]["uid"] == datasource_uid
+
+
+def test_panels_listed_in_layout_order_without_overlap(dashboard: dict[str, Any]) -> None:
+    """The list order is the layout order (so a panel belongs to the row listed before it), rows span the
+    width, and no two panels cover the same cell."""
+    panels = dashboard["panels"]
+    ids = [panel["id"] for panel in panels] + [nested["id"] for panel in panels for nested in panel.get("panels", [])]
+    assert len(ids) == len(set(ids)), "row and panel ids must be unique too"
+    positions = [(panel["gridPos"]["y"], panel["gridPos"]["x"]) for panel in panels]
+    assert positions == sorted(positions), "panels are not listed in layout order"
+    covered: dict[tuple[int, int], str] = {}
+    for panel in panels:
+        grid = panel["gridPos"]
+        if panel["type"] == "row":
+            assert (grid["x"], grid["w"], grid["h"]) == (0, 24, 1), panel["title"]
+        for y in range(grid["y"], grid["y"] + grid["h"]):
+            for x in range(grid["x"], grid["x"] + grid["w"]):
+                assert (y, x) not in covered, f"{panel['title']} overlaps {covered[(y, x)]}"
+                covered[(y, x)] = panel["title"]
+
+
 def test_panel_ids_unique_and_laid_out(dashboard: dict[str, Any]) -> None:
     panels = data_panels(dashboard)
     ids = [panel["id"] for panel in panels]
@@ -109,12 +153,27 @@ def test_datasource_referenced_by_uid(dashboard: dict[str, Any], datasource_uid:
 
 
 @pytest.mark.parametrize("query", panel_queries(load_dashboard()), ids=str)
-def test_queries_filter_by_model(query: Any) -> None:
-    """helios_ series carrying a model label use model=~"$model"; vLLM's use model_name=~"$model"."""
+def test_queries_filter_by_model_or_agent(query: Any) -> None:
+    """Every selector is bounded by its row's variable: $agent on the Agents row, $model elsewhere.
+
+    Outside the Agents row, helios_ series carrying a model label use model=~"$model" and vLLM's use
+    model_name=~"$model". On it, agent series use agent=~"$agent" and model-labelled ones model=~"$agent"
+    (agent requests are counted under the agent's name; test_agent_variable keeps "All" to the agents).
+    """
     found = _SELECTOR.findall(query.expr)
     assert found, "no helios_ or vllm: metric in the query"
+    if query.row == AGENTS_ROW:
+        assert "$model" not in query.expr, f"the {AGENTS_ROW} row is filtered by $agent"
+        for metric, selector in found:
+            name = _base_name(metric)
+            assert name not in NO_MODEL_LABEL and not metric.startswith("vllm:"), f"{metric}: no agent to filter by"
+            label = "agent" if name in AGENT_LABEL else "model"
+            assert f'{label}=~"$agent"' in selector, f"{metric} not filtered by {label}=~\"$agent\""
+        return
+    assert "$agent" not in query.expr, f"only the {AGENTS_ROW} row is filtered by $agent"
     for metric, selector in found:
         name = _base_name(metric)
+        assert name not in AGENT_LABEL, f"{metric} belongs on the {AGENTS_ROW} row, filtered by $agent"
         if name in NO_MODEL_LABEL:
             assert "$model" not in selector, f"{metric} has no model label"
             continue
@@ -148,6 +207,7 @@ def test_required_panels_present(dashboard: dict[str, Any]) -> None:
         "vllm:num_requests_running",
         "vllm:num_requests_waiting",
         "vllm:kv_cache_usage_perc",
+        *AGENT_LABEL,
     }
     for quantile in ("0.5", "0.95", "0.99"):
         for family in ("request_duration_seconds", "time_to_first_token_seconds", "inter_token_latency_seconds",
@@ -156,3 +216,18 @@ def test_required_panels_present(dashboard: dict[str, Any]) -> None:
                 f"histogram_quantile({quantile}," in query.expr and f"helios_{family}_bucket" in query.expr
                 for query in panel_queries(dashboard)
             ), f"no p{quantile} of {family}"
+    for quantile, family in (("0.5", "agent_steps"), ("0.95", "agent_steps"), ("0.95", "agent_tool_duration_seconds")):
+        assert any(
+            f"histogram_quantile({quantile}," in query.expr and f"helios_{family}_bucket" in query.expr
+            for query in panel_queries(dashboard)
+        ), f"no p{quantile} of {family}"
+
+
+def test_agents_row(dashboard: dict[str, Any]) -> None:
+    """The Agents row charts agent traffic, steps, tool calls, tool errors, tool duration and step-limit hits."""
+    queries = [query for query in panel_queries(dashboard) if query.row == AGENTS_ROW]
+    used = {_base_name(metric) for query in queries for metric, _ in _SELECTOR.findall(query.expr)}
+    assert used == {"helios_requests_total", *AGENT_LABEL}
+    # The tool error ratio: calls with any outcome but ok, over all calls, per agent and tool.
+    assert any('outcome!="ok"' in query.expr and "sum by (agent, tool)" in query.expr and " / " in query.expr
+               for query in queries)

@@ -1,7 +1,8 @@
 """A real Prometheus scraping a real gateway: every dashboard query returns data, the alert rules load.
 
-Traffic goes through the official openai client to a gateway in front of the imitated provider. Panels
-on vLLM's own series are checked by a separate test with the tiny demo model on the embedded engine.
+Traffic goes through the official openai client to a gateway in front of the imitated provider, agents
+included (their model is the provider's scripted ``tool-script``). Panels on vLLM's own series are checked
+by a separate test with the tiny demo model on the embedded engine.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.e2e.agents_support import calc, results, script
 from tests.e2e.gateway import client, remote_model
 from tests.observability.dashboard import ALERTS, PanelQuery, load_dashboard, panel_queries, substitute
 from tests.support.engine import engine_env
@@ -43,6 +45,14 @@ ALL_QUERIES = panel_queries(load_dashboard())
 HELIOS_QUERIES = [query for query in ALL_QUERIES if not query.needs_vllm]
 VLLM_QUERIES = [query for query in ALL_QUERIES if query.needs_vllm]
 
+# Agents over the scripted model ("scripted", below): "helper" runs whole scripts, "short" is allowed one round
+# of tool calls, so a two-round script hits its step limit.
+AGENTS: list[dict[str, Any]] = [
+    {"name": "helper", "model": "scripted", "tools": ["calculator", "current_time"]},
+    {"name": "short", "model": "scripted", "tools": ["calculator"], "max_steps": 1},
+]
+AGENT_NAMES = [agent["name"] for agent in AGENTS]
+
 
 def _remote_models(provider: FakeProvider) -> list[dict[str, Any]]:
     return [
@@ -51,7 +61,14 @@ def _remote_models(provider: FakeProvider) -> list[dict[str, Any]]:
         remote_model(provider, "gpt-slow", "slow-chunks-20"),
         # One retry, so a failed request shows up in the retry and upstream error counters.
         remote_model(provider, "gpt-broken", "error-500", max_retries=1),
+        # The agents' model: it answers with the tool calls the user message scripts.
+        remote_model(provider, "scripted", "tool-script"),
     ]
+
+
+def _appliance(provider: FakeProvider) -> dict[str, Any]:
+    """The remote models and the agents over them."""
+    return {"models": _remote_models(provider), "agents": AGENTS}
 
 
 def _model_names(config: dict[str, Any]) -> list[str]:
@@ -80,11 +97,28 @@ def _chat_round(oa: openai.OpenAI, model: str, *, errors: bool) -> None:
             oa.chat.completions.create(model="no-such-model", messages=USER)
 
 
+def _agent_round(oa: openai.OpenAI) -> None:
+    """Agent requests whose tool calls succeed and fail, and one that runs into the step limit."""
+    reply = oa.chat.completions.create(model="helper", messages=script(
+        [calc("17 * 23"), calc("1/0"), {"name": "current_time", "arguments": {"timezone": "UTC"}}],
+        [calc("2 ** 10")],
+    ))
+    quoted = results(reply.choices[0].message.content)
+    assert quoted["call_s0_0"] == "391" and quoted["call_s1_0"] == "1024"
+    assert "division by zero" in quoted["call_s0_1"]  # a failing call: outcome "error", the request still 200
+    # Streamed, and two rounds asked of an agent allowed one: the second is never run.
+    stream = oa.chat.completions.create(model="short", messages=script([calc("2 + 2")], [calc("3 * 3")]),
+                                        stream=True)
+    for _ in stream:
+        pass
+
+
 def _remote_traffic(gateway: HeliosProcess) -> None:
-    """One round of bounded traffic over every remote model."""
+    """One round of bounded traffic over every remote model and agent."""
     oa = client(gateway.base_url)
     _chat_round(oa, "gpt-test", errors=True)
     _chat_round(oa, "gpt-stream", errors=False)
+    _agent_round(oa)
 
 
 def _hold_slow_stream(gateway: HeliosProcess, chunks: int) -> threading.Thread:
@@ -115,11 +149,15 @@ def _finite(result: list[dict[str, Any]]) -> bool:
     return any(math.isfinite(float(sample["value"][1])) for sample in result)
 
 
-def _evaluate(prometheus: PrometheusServer, queries: Sequence[PanelQuery], model: str) -> list[str]:
-    """Problems of the queries with $model set to ``model``: parse errors, no data, only NaN."""
+def _evaluate(
+    prometheus: PrometheusServer, queries: Sequence[PanelQuery], model: str, agent: str | None = None
+) -> list[str]:
+    """Problems of the queries with $model set to ``model`` and $agent to ``agent`` (by default: every agent,
+    which is what Grafana sends for "All" since the variable has no allValue): parse errors, no data, only NaN."""
+    agent = _multi_select(AGENT_NAMES) if agent is None else agent
     problems: list[str] = []
     for query in queries:
-        expr = substitute(query.expr, model, RATE_WINDOW)
+        expr = substitute(query.expr, model, RATE_WINDOW, agent=agent)
         try:
             result = prometheus.query(expr)
         except Exception as exc:  # collect every failing panel instead of stopping at the first
@@ -161,15 +199,16 @@ def test_dashboard_queries_parse(prometheus_tools: PrometheusTools) -> None:
     """Every panel query, vLLM ones included, is valid PromQL once Grafana's variables are substituted."""
     with PrometheusServer([]) as prometheus:
         for query in ALL_QUERIES:
-            for model in (ALL_MODELS, _multi_select(["gpt-test", "tiny.v2"])):
-                prometheus.query(substitute(query.expr, model, RATE_WINDOW))  # raises on a parse error
+            for model, agent in ((ALL_MODELS, _multi_select(AGENT_NAMES)),
+                                 (_multi_select(["gpt-test", "tiny.v2"]), _multi_select(["helper.v2"]))):
+                prometheus.query(substitute(query.expr, model, RATE_WINDOW, agent=agent))  # raises on a parse error
 
 
 def test_every_helios_panel_has_data(
     prometheus_tools: PrometheusTools, fake_provider: FakeProvider, helios: HeliosFactory
 ) -> None:
-    """With "All" and with every model picked, each non-vLLM panel query returns finite data."""
-    config = {"models": _remote_models(fake_provider)}
+    """With "All" and with every model picked (and every agent), each non-vLLM panel query returns finite data."""
+    config = _appliance(fake_provider)
     gateway = helios(config)
     with PrometheusServer([_target(gateway)]) as prometheus:
         slow: list[threading.Thread] = []
@@ -182,26 +221,39 @@ def test_every_helios_panel_has_data(
 
         _run_in_phases(prometheus, traffic)
         problems = _evaluate(prometheus, HELIOS_QUERIES, ALL_MODELS)
-        problems += _evaluate(prometheus, HELIOS_QUERIES, _multi_select(_model_names(config)))
+        problems += _evaluate(prometheus, HELIOS_QUERIES, _multi_select(_model_names(config) + AGENT_NAMES))
+        # The agent that hit its step limit, alone, has data on every Agents panel too.
+        problems += _evaluate(prometheus, HELIOS_QUERIES, ALL_MODELS, agent=_multi_select(["short"]))
         assert not problems, "panels without data:\n" + "\n".join(problems)
 
-        # The model variable's own query lists exactly the configured models.
+        # The model variable's own query lists exactly the configured models and agents...
         listed = {sample["metric"]["model"] for sample in prometheus.query("helios_model_info")}
-        assert listed == set(_model_names(config))
+        assert listed == set(_model_names(config) + AGENT_NAMES)
+        # ...the agent variable's the agents, under the names their own series are labelled with.
+        agents = {sample["metric"]["model"] for sample in prometheus.query('helios_model_info{backend="agent"}')}
+        assert agents == set(AGENT_NAMES)
+        assert {sample["metric"]["agent"] for sample in prometheus.query("helios_agent_steps_count")} == agents
         in_flight = prometheus.query('max_over_time(helios_requests_in_flight{model="gpt-slow"}[1m])')
         assert in_flight and float(in_flight[0]["value"][1]) >= 1, "no scrape saw the slow stream in flight"
         errors = prometheus.query('increase(helios_requests_total{model="gpt-broken",status=~"5.."}[1m])')
         assert errors and float(errors[0]["value"][1]) > 0
+        failed = prometheus.query(
+            'increase(helios_agent_tool_calls_total{agent="helper",tool="calculator",outcome="error"}[1m])'
+        )
+        assert failed and float(failed[0]["value"][1]) > 0, "the failing calculator call was not counted"
+        limited = prometheus.query('increase(helios_agent_step_limit_reached_total{agent="short"}[1m])')
+        assert limited and float(limited[0]["value"][1]) > 0
 
 
 def test_metrics_pass_promtool_lint(
     prometheus_tools: PrometheusTools, fake_provider: FakeProvider, helios: HeliosFactory
 ) -> None:
     """`promtool check metrics` finds nothing to complain about in the gateway's own series."""
-    gateway = helios({"models": _remote_models(fake_provider)})
+    gateway = helios(_appliance(fake_provider))
     _remote_traffic(gateway)
     body = _scrape_text(gateway)
     assert b"helios_requests_total{" in body
+    assert b"helios_agent_tool_calls_total{" in body
     problems = _lint(body)
     assert not problems, "\n".join(problems)
 
@@ -214,11 +266,19 @@ def test_alert_rules_load_and_evaluate(
     nokey = {key: value for key, value in remote_model(fake_provider, "nokey", "gpt-4o").items() if key != "api_key"}
     nokey["api_key_env"] = "HELIOS_TEST_UNSET_KEY"
     gateway = helios(
-        {"models": [remote_model(fake_provider, "gpt-test", "gpt-4o"), nokey]},
+        {"models": [remote_model(fake_provider, "gpt-test", "gpt-4o"), nokey,
+                    remote_model(fake_provider, "scripted", "tool-script")],
+         "agents": [AGENTS[0]]},
         env={"HELIOS_TEST_UNSET_KEY": None},
     )
+    oa = client(gateway.base_url)
+
+    def failing_tools() -> None:
+        # One round of 12 calculator calls, 8 of them failing: 2/3 not ok, and enough calls a minute to count.
+        oa.chat.completions.create(model="helper", messages=script([calc("1 + 1")] * 4 + [calc("1/0")] * 8))
+
     with PrometheusServer([_target(gateway)], rule_files=[ALERTS]) as prometheus:
-        prometheus.wait_for_scrapes(2)
+        _run_in_phases(prometheus, failing_tools)
         # A rule's health stays "unknown" until its group has been evaluated once after the scrapes.
         evaluated_after = time.time()
         deadline = time.monotonic() + 15
@@ -240,6 +300,15 @@ def test_alert_rules_load_and_evaluate(
         (not_ready,) = next(rule for rule in rules if rule["name"] == "HeliosBackendNotReady")["alerts"]
         assert not_ready["labels"]["model"] == "nokey"
         assert not_ready["annotations"]["summary"] == "Helios backend for model nokey is not ready"
+        # The failing tool calls are caught per agent and tool, pending until "for: 10m" elapses; the agent's
+        # requests themselves succeeded, so no request error alert.
+        assert states["HeliosAgentToolErrorRatio"] == "pending"
+        (tool_errors,) = next(rule for rule in rules if rule["name"] == "HeliosAgentToolErrorRatio")["alerts"]
+        assert (tool_errors["labels"]["agent"], tool_errors["labels"]["tool"]) == ("helper", "calculator")
+        assert tool_errors["annotations"]["summary"] == (
+            "Helios agent helper: more than 20% of calculator tool calls fail"
+        )
+        assert states["HeliosHighErrorRatio"] == "inactive"
 
 
 def _evaluated_since(rule: dict[str, Any], since: float) -> bool:
@@ -267,7 +336,7 @@ def test_every_vllm_panel_has_data(
         "max_model_len": 512,
         "kv_cache_memory_bytes": 64 * 2**20,
     }
-    config = {"models": [tiny, *_remote_models(fake_provider)]}
+    config = {"models": [tiny, *_remote_models(fake_provider)], "agents": AGENTS}
     gateway = helios(config, env=engine_env(tmp_path))
     gateway.wait_healthy("/ready", timeout=150)
     with PrometheusServer([_target(gateway)]) as prometheus:

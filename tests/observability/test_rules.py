@@ -19,6 +19,7 @@ EXPECTED_ALERTS = {
     "HeliosBackendNotReady",
     "HeliosEngineQueueGrowing",
     "HeliosScrapeMissing",
+    "HeliosAgentToolErrorRatio",
 }
 # Where compose mounts ./config/prometheus.
 COMPOSE_DIR = "/etc/prometheus"
@@ -60,7 +61,7 @@ def test_promtool_check_config(prometheus_tools: PrometheusTools, tmp_path: Path
     copy.write_text(yaml.safe_dump(config), encoding="utf-8")
     result = promtool("check", "config", str(copy))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 5 rules found" in result.stdout
+    assert f"SUCCESS: {len(EXPECTED_ALERTS)} rules found" in result.stdout
 
 
 def test_promtool_check_rules(prometheus_tools: PrometheusTools) -> None:
@@ -74,7 +75,7 @@ def test_promtool_rule_unit_tests(prometheus_tools: PrometheusTools) -> None:
     assert "SUCCESS" in result.stdout
 
 
-def test_alerts_are_the_expected_five() -> None:
+def test_alerts_are_the_expected_six() -> None:
     rules = _alert_rules()
     assert {rule["alert"] for rule in rules} == EXPECTED_ALERTS
     assert len(rules) == len(EXPECTED_ALERTS), "an alert name is used twice"
