@@ -2,9 +2,10 @@
 
 A model's parsers are composed once at start-up, as ``vllm serve`` composes them from
 ``--tool-call-parser`` and ``--reasoning-parser``. ``tool_choice: "required"`` and a named function work on
-every model: vLLM's base ``ToolParser`` constrains generation to a JSON schema built from the tools'
-parameters and vLLM's parser turns that JSON back into calls, so a model without a tool-call parser still
-answers them. Only ``auto`` needs a parser for the model's own call format.
+every model: without a tool-call parser, vLLM's base ``ToolParser`` constrains generation to a JSON schema
+built from the tools' parameters and vLLM's parser turns that JSON back into calls. A parser with a call
+grammar of its own (hermes) uses that grammar instead, pinning arguments to the schemas only for strict tools
+or ``tool_strict_level = "parameter"``, as vLLM's server does. Only ``auto`` needs a parser.
 
 vLLM's parsers read their request type (tools, tool_choice, ...), so a request that needs parsing gets one
 small vLLM request carrying only the fields they read, not a second validation of the whole body.
