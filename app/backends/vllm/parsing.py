@@ -120,6 +120,8 @@ class RequestParsing:
         self._single_call = request.parallel_tool_calls is False
         self.tools_in_play = choice != "none"
         self._request = model._vllm_request(request, choice)
+        # One parser for the set-up questions (adjust, reasoning_ended); each choice parses with its own.
+        self._setup = self._new_parser()
 
     def adjust(self, structured: Any) -> tuple[Any, bool]:
         """The structured-outputs constraint and ``skip_special_tokens`` the parsers ask for, given the
@@ -127,7 +129,7 @@ class RequestParsing:
         vreq = self._request
         vreq.structured_outputs = structured
         try:
-            vreq = self._request = self._new_parser().adjust_request(vreq)
+            vreq = self._request = self._setup.adjust_request(vreq)
         except Exception as exc:
             raise client_error(exc) from None
         return vreq.structured_outputs, bool(vreq.skip_special_tokens)
@@ -137,7 +139,7 @@ class RequestParsing:
         engine tell)."""
         if not self._model._has_reasoning:
             return None
-        return self._request.resolve_reasoning_ended(self._new_parser(), prompt_ids)  # type: ignore[no-any-return]
+        return self._request.resolve_reasoning_ended(self._setup, prompt_ids)  # type: ignore[no-any-return]
 
     def _new_parser(self) -> Any:
         return self._model._parser_cls(self._model._tokenizer, self._request.tools)
