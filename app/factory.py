@@ -17,7 +17,9 @@ from app.backends.registry import Registry
 from app.errors import APIError, from_http_status, internal_error
 from app.exchange import Exchange
 from app.logs import request_id
-from app.routes import custom, health, openai
+from app.responses.service import ResponsesService
+from app.responses.store import build_store
+from app.routes import custom, health, openai, responses
 from app.routes import metrics as metrics_routes
 from app.settings import Settings
 from app.state import AppState, install_state
@@ -40,11 +42,14 @@ def create_app(settings: Settings) -> Quart:
         scalar_ui_path=None,
     )
     registry = Registry(settings.models, settings.agents)
+    service = ResponsesService(build_store(settings.responses), registry.find)
     install_state(app.extensions, AppState(
         settings=settings, registry=registry, models_body=openai.models_body(registry.served_names(),
                                                                             registry.created),
+        responses=service,
     ))
     app.register_blueprint(openai.blueprint)
+    app.register_blueprint(responses.blueprint)
     app.register_blueprint(health.blueprint)
     if settings.metrics.enabled and settings.metrics.port is None:
         app.register_blueprint(metrics_routes.metrics_blueprint(settings.metrics))
@@ -55,11 +60,17 @@ def create_app(settings: Settings) -> Quart:
 
     @app.before_serving
     async def open_backends() -> None:
+        await service.start()
         await registry.start()
         metrics_routes.refresh_readiness()
+        if settings.responses.store == "memory" and settings.server.workers > 1:
+            log.warning("responses.store is 'memory' with %d workers: each worker keeps its own stored responses, "
+                        "so previous_response_id and GET /v1/responses/{id} fail on the others; use 'redis'",
+                        settings.server.workers)
 
     @app.after_serving
     async def close_backends() -> None:
+        await service.close()
         await registry.close()
         metrics.mark_worker_dead(os.getpid())
 
@@ -85,7 +96,7 @@ def _install_hooks(app: Quart, settings: Settings) -> None:
                 "Access-Control-Max-Age": "600",
             })
         if keys.enabled and request.path.startswith("/v1/"):
-            keys.check(request.headers.get("Authorization"))
+            g.owner = keys.check(request.headers.get("Authorization"))
         return None
 
     @app.after_request

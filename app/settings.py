@@ -44,6 +44,7 @@ HTTP_METHODS = ("GET", "POST", "PUT", "DELETE", "PATCH")
 BACKENDS = ("openai", "vllm")
 
 
+_OPENAI_HOST = re.compile(r"^https://api\.openai\.com(?::443)?(?:/|$)")
 _NAMED_MESSAGE = re.compile(r"^(?P<setting>[a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)*): (?P<message>.*)$", re.S)
 
 
@@ -97,6 +98,36 @@ class AuthSettings(_Section):
     )
 
 
+class ResponsesSettings(_Section):
+    """Where /v1/responses keeps stored responses (``store: true``) for previous_response_id, GET and DELETE."""
+
+    store: Literal["memory", "redis"] = Field(
+        "memory", description="'memory': in this process, bounded; 'redis': shared by every replica."
+    )
+    redis_url: SecretStr | None = Field(
+        None, description="redis:// or rediss:// URL (may hold a password) when store = 'redis'."
+    )
+    redis_prefix: str = Field("helios:responses:", description="Prefix of every Redis key written.")
+    redis_timeout: float = Field(
+        2.0, gt=0, description="Seconds a Redis command may take before the call answers 503."
+    )
+    ttl: float = Field(30 * 86400, gt=0, description="Seconds a stored response is kept (OpenAI keeps 30 days).")
+    max_responses: int = Field(10_000, ge=1, description="memory: responses kept; the least recently used go first.")
+    max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024, description="memory: bytes of stored responses kept, the same way."
+    )
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> ResponsesSettings:
+        if self.store == "redis" and self.redis_url is None:
+            raise ValueError("store = 'redis' needs redis_url")
+        if self.redis_url is not None and not self.redis_url.get_secret_value().startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+        return self
+
+
 class _ModelBase(_Section):
     name: str = Field(min_length=1, description="The model name clients send.")
     aliases: list[str] = Field(default_factory=list, description="Other names clients may send.")
@@ -124,6 +155,11 @@ class OpenAIModelSettings(_ModelBase):
     extra_headers: dict[str, str] = Field(default_factory=dict)
     organization: str | None = Field(None, description="OpenAI-Organization header (OpenAI only).")
     project: str | None = Field(None, description="OpenAI-Project header (OpenAI only).")
+    responses_api: Literal["native", "chat"] | None = Field(
+        None, description="How /v1/responses reaches the provider: 'native' relays it to the provider's own "
+                          "Responses API, 'chat' translates it onto Chat Completions. Default: native for "
+                          "api.openai.com, chat elsewhere.",
+    )
 
     # Resolved at load time from api_key / api_key_env / api_key_file and base_url_env.
     _resolved_key: SecretStr | None = PrivateAttr(None)
@@ -162,6 +198,13 @@ class OpenAIModelSettings(_ModelBase):
     @property
     def upstream_name(self) -> str:
         return self.upstream_model or self.name
+
+    @property
+    def speaks_responses(self) -> bool:
+        """Whether /v1/responses is relayed to the provider as it is."""
+        if self.responses_api is not None:
+            return self.responses_api == "native"
+        return _OPENAI_HOST.match(self.resolved_base_url) is not None
 
     def missing_key_reason(self) -> str | None:
         """Why the model cannot serve for lack of a key, or None when it has one (or needs none)."""
@@ -397,6 +440,7 @@ class Settings(BaseSettings):
     server: ServerSettings = Field(default_factory=ServerSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
     models: list[ModelSettings] = Field(default_factory=list)
     agents: list[AgentSettings] = Field(default_factory=list)
     endpoints: list[EndpointSettings] = Field(default_factory=list)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from quart import current_app
 
 from app.backends.registry import Registry
+from app.responses.service import ResponsesService
 from app.settings import Settings
 
 _KEY = "helios"
@@ -18,6 +19,7 @@ class AppState:
     registry: Registry
     #: GET /v1/models answer, fixed for the life of the process
     models_body: bytes
+    responses: ResponsesService
 
 
 def app_state() -> AppState:

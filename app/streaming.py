@@ -1,16 +1,20 @@
 """Server-sent events: reading a provider's stream and framing ours.
 
-Our stream is ``data: <json>\\n\\n`` per chunk and ``data: [DONE]\\n\\n`` last. A failure after the first
-byte cannot change the status any more, so it is sent as an OpenAI-shaped ``error`` event and the stream
-ends without ``[DONE]``: a client must never mistake a broken answer for a finished one.
+A Chat or Completions stream is ``data: <json>\\n\\n`` per chunk and ``data: [DONE]\\n\\n`` last. A failure
+after the first byte cannot change the status any more, so it is sent as an OpenAI-shaped ``error`` event and
+the stream ends without ``[DONE]``: a client must never mistake a broken answer for a finished one. A Responses
+stream's chunks are whole ``event:``/``data:`` frames already (``RESPONSES_FRAMING``): it ends with its own
+last event and reports its own failures.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from quart import Response
@@ -60,6 +64,29 @@ def _events(batch: list[bytes]) -> bytes:
     return b"".join(parts)
 
 
+@dataclass(frozen=True, slots=True)
+class Framing:
+    """How one API's stream is written: a batch of chunks to bytes, the closing event, an error event."""
+
+    frame: Callable[[list[bytes]], bytes]
+    done: bytes
+    error: Callable[[APIError], bytes]
+
+
+CHAT_FRAMING = Framing(_events, _DONE_EVENT, lambda error: _event(error.to_json()))
+
+
+def response_error_frame(error: APIError) -> bytes:
+    """A Responses ``error`` event; only for a stream that failed outside its own reporting."""
+    body = error.body()["error"]
+    return b"".join((b"event: error\ndata: ", json.dumps({
+        "type": "error", "code": body["code"] or body["type"], "message": body["message"], "param": body["param"],
+        "sequence_number": 0}).encode(), _SUFFIX))
+
+
+RESPONSES_FRAMING = Framing(b"".join, b"", response_error_frame)
+
+
 async def _pump(chunks: ChunkStream, queue: asyncio.Queue[object], observer: StreamObserver) -> None:
     """Read the backend as fast as it produces, up to the queue's bound (then it waits: backpressure)."""
     clock = time.perf_counter
@@ -85,7 +112,9 @@ def _drain(queue: asyncio.Queue[object], first: object) -> tuple[list[bytes], ob
         item = queue.get_nowait()
 
 
-async def _frame(first: list[bytes], chunks: ChunkStream, observer: StreamObserver) -> AsyncIterator[bytes]:
+async def _frame(
+    first: list[bytes], chunks: ChunkStream, observer: StreamObserver, framing: Framing
+) -> AsyncIterator[bytes]:
     status = 200
     completed = False
     clock = time.perf_counter
@@ -97,7 +126,7 @@ async def _frame(first: list[bytes], chunks: ChunkStream, observer: StreamObserv
     try:
         if first:
             observer.first_chunk_relayed(clock())
-            yield _events(first)
+            yield framing.frame(first)
         pump = asyncio.create_task(_pump(chunks, queue, observer))
         last_pause = clock()
         while True:
@@ -107,7 +136,7 @@ async def _frame(first: list[bytes], chunks: ChunkStream, observer: StreamObserv
             observer.backend_seconds += now - waited
             payloads, end = _drain(queue, item)
             if payloads:
-                yield _events(payloads)
+                yield framing.frame(payloads)
                 # Time spent suspended in the yield is the client (or its socket buffer) taking the bytes.
                 observer.client_seconds += clock() - now
             if isinstance(end, BaseException):
@@ -120,31 +149,38 @@ async def _frame(first: list[bytes], chunks: ChunkStream, observer: StreamObserv
             if clock() - last_pause > _FAIR_SHARE:
                 await asyncio.sleep(0)
                 last_pause = clock()
-        yield _DONE_EVENT
+        if framing.done:
+            yield framing.done
         completed = True
     except APIError as exc:
         status = exc.status
         completed = True
-        yield _event(exc.to_json())
+        yield framing.error(exc)
     except Exception:
         log.exception("stream failed")
         error = internal_error()
         status = error.status
         completed = True
-        yield _event(error.to_json())
+        yield framing.error(error)
     finally:
-        # Stopping the reader and closing the backend's iterator is what releases the upstream request
-        # (or aborts the engine's) when the client leaves.
-        if pump is not None:
-            pump.cancel()
-            await asyncio.gather(pump, return_exceptions=True)
-        aclose = getattr(chunks, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        await _release(pump, chunks)
         observer.finish(status, disconnected=not completed)
 
 
-async def sse_response(chunks: ChunkStream, observer: StreamObserver) -> Response:
+async def _release(pump: asyncio.Task[None] | None, chunks: ChunkStream) -> None:
+    """Stop the reader and close the backend's iterator: what releases the upstream request (or aborts the
+    engine's) when the client leaves."""
+    if pump is not None:
+        pump.cancel()
+        await asyncio.gather(pump, return_exceptions=True)
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def sse_response(
+    chunks: ChunkStream, observer: StreamObserver, framing: Framing = CHAT_FRAMING
+) -> Response:
     """The stream as an SSE response, once its first batch is in.
 
     Until then nothing is committed: a backend that fails before its first chunk (a refusal, an error
@@ -159,7 +195,7 @@ async def sse_response(chunks: ChunkStream, observer: StreamObserver) -> Respons
         observer.backend_seconds += clock() - waited
     if first:
         observer.chunks_arrived(clock())
-    response = Response(_frame(first, chunks, observer), status=200, headers=SSE_HEADERS)
+    response = Response(_frame(first, chunks, observer, framing), status=200, headers=SSE_HEADERS)
     # Quart cuts responses after RESPONSE_TIMEOUT by default; a long generation is not a hung one.
     response.timeout = None
     return response

@@ -16,6 +16,7 @@ from openai.types.chat import ChatCompletionMessageParam
 
 from tests.support.fake_provider import (
     MIDSTREAM_FAIL_CHUNKS,
+    MIN_OUTPUT_TOKENS,
     MODEL_SUFFIX,
     RETRY_AFTER_SECONDS,
     FakeProvider,
@@ -280,6 +281,426 @@ def test_models(oa: openai.OpenAI) -> None:
     assert body["data"]
     one = raw_json(oa.models.with_raw_response.retrieve(body["data"][0]["id"]), "Model")
     assert one == body["data"][0]
+
+
+# -- responses ----------------------------------------------------------------------------
+
+RESPONSE_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "name": "get_weather",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+    },
+    {"type": "function", "name": "get_time", "description": "Local time", "parameters": {"type": "object"}},
+]
+SCRIPT = {
+    "rounds": [
+        [{"name": "lookup", "arguments": {"q": "a"}}],
+        [{"name": "lookup", "arguments": {"q": "b"}}, {"name": "fetch", "raw": "not json"}],
+    ]
+}
+SCRIPT_TOOLS: list[Any] = [
+    {"type": "function", "name": name, "parameters": {"type": "object"}} for name in ("lookup", "fetch")
+]
+TEXT_EVENTS = ["response.output_text.delta"]
+FUNCTION_CALL_EVENTS = [
+    "response.output_item.added",
+    "response.function_call_arguments.delta",
+    "response.function_call_arguments.delta",
+    "response.function_call_arguments.done",
+    "response.output_item.done",
+]
+
+
+def response_stream(client: openai.OpenAI, **params: Any) -> list[Any]:
+    """Raw events of a Responses stream, each validated against the spec.
+
+    Also checks the framing OpenAI uses: an ``event:`` line naming each event's type, sequence numbers
+    0, 1, 2... and no ``[DONE]`` terminator.
+    """
+    with client.responses.with_streaming_response.create(stream=True, **params) as response:
+        assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
+        lines = list(response.iter_lines())
+    events = []
+    for block in "\n".join(lines).strip("\n").split("\n\n"):
+        name, data = block.split("\n")
+        assert name.startswith("event: "), block
+        assert data.startswith("data: "), block
+        event = json.loads(data.removeprefix("data: "))
+        assert event["type"] == name.removeprefix("event: ")
+        validate("ResponseStreamEvent", event)
+        events.append(event)
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events
+
+
+def text_events(count: int) -> list[str]:
+    """Event types of a stream answering one message of ``count`` deltas."""
+    return [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        *TEXT_EVENTS * count,
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+
+
+def deltas(events: list[Any]) -> list[str]:
+    return [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+
+
+def test_response(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    raw = oa.responses.with_raw_response.create(model="gpt-x", input="hello big world", instructions="be brief")
+    body = raw_json(raw, "Response")
+    assert body["id"].startswith("resp_")
+    assert body["object"] == "response"
+    assert (body["status"], body["error"], body["incomplete_details"]) == ("completed", None, None)
+    assert body["completed_at"] >= body["created_at"]
+    assert body["model"] == "gpt-x" + MODEL_SUFFIX
+    assert body["instructions"] == "be brief"
+    [message] = body["output"]
+    assert message["id"].startswith("msg_")
+    assert (message["type"], message["role"], message["status"]) == ("message", "assistant", "completed")
+    text = {"type": "output_text", "annotations": [], "logprobs": [], "text": "echo: hello big world"}
+    assert message["content"] == [text]
+    assert body["usage"] == {
+        "input_tokens": 5,  # the instructions count, as they do at OpenAI
+        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+        "output_tokens": 4,
+        "output_tokens_details": {"reasoning_tokens": 0},
+        "total_tokens": 9,
+    }
+    assert (body["tools"], body["tool_choice"], body["metadata"], body["store"]) == ([], "auto", {}, True)
+    assert raw.http_response.headers["x-request-id"]
+    assert raw.parse().output_text == "echo: hello big world"
+
+    recorded = fake.last_request
+    assert (recorded.method, recorded.path) == ("POST", "/v1/responses")
+    assert recorded.body == {"model": "gpt-x", "input": "hello big world", "instructions": "be brief"}
+    assert fake.request_count("gpt-x") == 1
+
+
+def test_response_input_items_and_echoed_parameters(oa: openai.OpenAI) -> None:
+    items: Any = [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "input_text", "text": "first question"}]},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "first answer"}]},
+        {"role": "system", "content": "stay brief"},
+        {"role": "user", "content": "second question"},
+    ]
+    raw = oa.responses.with_raw_response.create(
+        model="m",
+        input=items,
+        tools=RESPONSE_TOOLS,
+        tool_choice="none",
+        parallel_tool_calls=False,
+        metadata={"team": "helios"},
+        temperature=0.2,
+        top_p=0.5,
+        text={"format": {"type": "text"}, "verbosity": "low"},
+    )
+    body = raw_json(raw, "Response")
+    assert body["output"][0]["content"][0]["text"] == "echo: second question"
+    assert body["usage"]["input_tokens"] == 10
+    assert body["tools"] == [
+        {**RESPONSE_TOOLS[0], "description": None, "strict": True},
+        {**RESPONSE_TOOLS[1], "strict": True},
+    ]
+    assert (body["tool_choice"], body["parallel_tool_calls"]) == ("none", False)
+    assert (body["metadata"], body["temperature"], body["top_p"]) == ({"team": "helios"}, 0.2, 0.5)
+    assert body["text"] == {"format": {"type": "text"}, "verbosity": "low"}
+
+
+def test_response_stream(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    events = response_stream(oa, model="m", input="hello big world")
+    assert [e["type"] for e in events] == text_events(4)
+    created, in_progress, added, part_added, *_, text_done, part_done, item_done, completed = events
+    response_id = created["response"]["id"]
+    assert {e["response"]["id"] for e in (in_progress, completed)} == {response_id}
+    for snapshot in (created["response"], in_progress["response"]):
+        assert (snapshot["status"], snapshot["output"], snapshot["completed_at"]) == ("in_progress", [], None)
+    final = completed["response"]
+    assert final["status"] == "completed"
+    [message] = final["output"]
+    assert added["item"] == {**message, "status": "in_progress", "content": []}
+    assert part_added["part"] == {**message["content"][0], "text": ""}
+    # Every event about the text names its item and positions.
+    for event in events[3:-2]:
+        assert (event["item_id"], event["output_index"], event["content_index"]) == (message["id"], 0, 0)
+    assert deltas(events) == ["echo:", " hello", " big", " world"]
+    assert all(e["obfuscation"] for e in events if e["type"] == "response.output_text.delta")
+    assert text_done["text"] == "echo: hello big world"
+    assert part_done["part"] == message["content"][0]
+    assert (item_done["output_index"], item_done["item"]) == (0, message)
+
+    # Streamed responses are kept too, as OpenAI keeps them.
+    assert raw_json(oa.responses.with_raw_response.retrieve(response_id), "Response") == final
+    [record] = fake.wait_for_streams()
+    assert (record.path, record.model, record.outcome) == ("/v1/responses", "m", "completed")
+    assert record.chunks_sent == len(events)
+    assert fake.stream_completed.is_set()
+
+
+def test_response_stream_chunks(oa: openai.OpenAI) -> None:
+    events = response_stream(oa, model="chunks-50", input="x", stream_options={"include_obfuscation": False})
+    assert [e["type"] for e in events] == text_events(50)
+    assert "".join(deltas(events)) == " ".join(f"w{i}" for i in range(1, 51))
+    assert all("obfuscation" not in e for e in events)
+
+    # The SDK's stream helper accumulates the same answer.
+    with oa.responses.stream(model="chunks-5", input="x") as stream_events:
+        texts = [e.delta for e in stream_events if e.type == "response.output_text.delta"]
+        final = stream_events.get_final_response()
+    assert texts == ["w1", " w2", " w3", " w4", " w5"]
+    assert final.output_text == "w1 w2 w3 w4 w5"
+
+
+def test_response_max_output_tokens_incomplete(oa: openai.OpenAI) -> None:
+    limited = " ".join(f"w{i}" for i in range(1, MIN_OUTPUT_TOKENS + 1))
+    raw = oa.responses.with_raw_response.create(model="chunks-40", input="x", max_output_tokens=MIN_OUTPUT_TOKENS)
+    body = raw_json(raw, "Response")
+    assert (body["status"], body["incomplete_details"]) == ("incomplete", {"reason": "max_output_tokens"})
+    assert (body["completed_at"], body["max_output_tokens"]) == (None, MIN_OUTPUT_TOKENS)
+    [message] = body["output"]
+    assert message["status"] == "incomplete"
+    assert message["content"][0]["text"] == limited
+    assert body["usage"]["output_tokens"] == MIN_OUTPUT_TOKENS
+
+    events = response_stream(oa, model="chunks-40", input="x", max_output_tokens=MIN_OUTPUT_TOKENS)
+    assert [e["type"] for e in events] == [*text_events(MIN_OUTPUT_TOKENS)[:-1], "response.incomplete"]
+    assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
+    assert events[-2]["item"]["status"] == "incomplete"
+    assert "".join(deltas(events)) == limited
+
+    # A limit the answer fits in completes; one below OpenAI's minimum is refused, as OpenAI refuses it.
+    fits = oa.responses.create(model=f"chunks-{MIN_OUTPUT_TOKENS}", input="x", max_output_tokens=MIN_OUTPUT_TOKENS)
+    assert fits.status == "completed"
+    with pytest.raises(openai.BadRequestError) as info:
+        oa.responses.create(model="m", input="x", max_output_tokens=5)
+    error = info.value.response.json()
+    validate("ErrorResponse", error)
+    assert (error["error"]["param"], error["error"]["code"]) == ("max_output_tokens", "integer_below_min_value")
+
+
+def test_response_errors(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    with pytest.raises(openai.RateLimitError) as info:
+        oa.responses.create(model="error-429", input="x")
+    assert info.value.response.headers["retry-after"] == str(RETRY_AFTER_SECONDS)
+    validate("ErrorResponse", info.value.response.json())
+    with pytest.raises(openai.RateLimitError):
+        oa.responses.create(model="error-429", input="x", stream=True)
+    with pytest.raises(openai.InternalServerError):
+        oa.responses.create(model="error-500", input="x")
+    assert fake.request_count("error-429") == 2
+    assert not fake.streams  # errors are answered before any stream starts
+
+
+def test_response_error_event(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    [event] = response_stream(oa, model="error-event", input="x")
+    nested = {"message": "The model is overloaded.", "type": "server_error", "param": None, "code": "overloaded"}
+    assert event == {
+        "type": "error",
+        "sequence_number": 0,
+        "code": "overloaded",
+        "message": "The model is overloaded.",
+        "param": None,
+        "error": nested,
+    }
+    # The nested error (OpenAI's runtime shape) makes the SDK raise rather than yield the event.
+    with pytest.raises(openai.APIError, match="overloaded") as info:
+        for _ in oa.responses.create(model="error-event", input="x", stream=True):
+            pass
+    assert not isinstance(info.value, openai.APIStatusError)
+    assert [s.outcome for s in fake.wait_for_streams(2)] == ["completed", "completed"]
+    assert oa.responses.create(model="error-event", input="hi").output_text == "echo: hi"
+
+
+def test_response_previous_response_id(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    raw = oa.responses.with_raw_response.create(model="m", input="hello", instructions="be brief")
+    first = raw_json(raw, "Response")
+    assert first["usage"]["input_tokens"] == 3
+    raw = oa.responses.with_raw_response.create(model="m", input="again please", previous_response_id=first["id"])
+    second = raw_json(raw, "Response")
+    assert second["previous_response_id"] == first["id"]
+    assert second["output"][0]["content"][0]["text"] == "echo: again please"
+    # The model saw "hello", "echo: hello" and "again please", but not the first response's instructions.
+    assert second["usage"]["input_tokens"] == 1 + 2 + 2
+    assert second["instructions"] is None
+
+    assert raw_json(oa.responses.with_raw_response.retrieve(first["id"]), "Response") == first
+    assert set(fake.stored_responses) == {first["id"], second["id"]}
+    deleted = oa.responses.with_raw_response.delete(first["id"])
+    assert deleted.http_response.json() == {"id": first["id"], "object": "response", "deleted": True}
+    assert (fake.last_request.method, fake.last_request.path) == ("DELETE", f"/v1/responses/{first['id']}")
+    oa.responses.delete(second["id"])  # the SDK returns None for the deletion body
+    assert not fake.stored_responses
+
+    for gone in (first["id"], "resp_unknown"):
+        with pytest.raises(openai.NotFoundError) as info:
+            oa.responses.create(model="m", input="x", previous_response_id=gone)
+        error = info.value.response.json()
+        validate("ErrorResponse", error)
+        assert error["error"] == {
+            "message": f"Previous response with id '{gone}' not found.",
+            "type": "invalid_request_error",
+            "param": "previous_response_id",
+            "code": "previous_response_not_found",
+        }
+        with pytest.raises(openai.NotFoundError):
+            oa.responses.retrieve(gone)
+        with pytest.raises(openai.NotFoundError):
+            oa.responses.delete(gone)
+
+    # store: false answers without keeping anything to continue from.
+    unstored = raw_json(oa.responses.with_raw_response.create(model="m", input="x", store=False), "Response")
+    assert unstored["store"] is False
+    assert not fake.stored_responses
+    with pytest.raises(openai.NotFoundError):
+        oa.responses.create(model="m", input="x", previous_response_id=unstored["id"])
+
+
+def test_response_tool_script_round_trip(oa: openai.OpenAI) -> None:
+    raw = oa.responses.with_raw_response.create(model="tool-script", input=json.dumps(SCRIPT), tools=SCRIPT_TOOLS)
+    first = raw_json(raw, "Response")
+    [call] = first["output"]
+    assert call["id"].startswith("fc_")
+    assert (call["type"], call["status"], call["call_id"], call["name"]) == (
+        "function_call",
+        "completed",
+        "call_s0_0",
+        "lookup",
+    )
+    assert json.loads(call["arguments"]) == {"q": "a"}
+
+    # Round two, streamed: driven by the output of round one's call, the rest reached through the id.
+    output: Any = [{"type": "function_call_output", "call_id": "call_s0_0", "output": "A"}]
+    events = response_stream(
+        oa, model="tool-script", tools=SCRIPT_TOOLS, previous_response_id=first["id"], input=output
+    )
+    types = [e["type"] for e in events]
+    assert types == ["response.created", "response.in_progress", *FUNCTION_CALL_EVENTS * 2, "response.completed"]
+    second = events[-1]["response"]
+    calls = second["output"]
+    assert [(c["call_id"], c["name"], c["arguments"]) for c in calls] == [
+        ("call_s1_0", "lookup", '{"q": "b"}'),
+        ("call_s1_1", "fetch", "not json"),
+    ]
+    for index, done_call in enumerate(calls):
+        added, *argument_deltas, arguments_done, item_done = [e for e in events if e.get("output_index") == index]
+        assert added["item"] == {**done_call, "status": "in_progress", "arguments": ""}
+        assert {e["item_id"] for e in (*argument_deltas, arguments_done)} == {done_call["id"]}
+        assert "".join(e["delta"] for e in argument_deltas) == done_call["arguments"]
+        assert (arguments_done["name"], arguments_done["arguments"]) == (done_call["name"], done_call["arguments"])
+        assert item_done["item"] == done_call
+
+    # Round three: every result since the user message, in order (one given as content parts).
+    outputs: Any = [
+        {"type": "function_call_output", "call_id": "call_s1_0", "output": "B"},
+        {"type": "function_call_output", "call_id": "call_s1_1", "output": [{"type": "input_text", "text": "C"}]},
+    ]
+    final = oa.responses.create(
+        model="tool-script", tools=SCRIPT_TOOLS, previous_response_id=second["id"], input=outputs
+    )
+    assert final.output_text == "results: call_s0_0=A | call_s1_0=B | call_s1_1=C"
+
+
+def test_response_tool_script_stateless(oa: openai.OpenAI) -> None:
+    # Without previous_response_id the client sends the calls and their outputs itself.
+    items: Any = [
+        {"role": "user", "content": json.dumps(SCRIPT)},
+        {"type": "function_call", "call_id": "call_s0_0", "name": "lookup", "arguments": '{"q": "a"}'},
+        {"type": "function_call_output", "call_id": "call_s0_0", "output": "A"},
+    ]
+    resumed = oa.responses.create(model="tool-script", tools=SCRIPT_TOOLS, input=items, store=False)
+    assert [(c.type, getattr(c, "call_id", None)) for c in resumed.output] == [
+        ("function_call", "call_s1_0"),
+        ("function_call", "call_s1_1"),
+    ]
+    answered = oa.responses.create(model="tool-script", tools=SCRIPT_TOOLS, input=items, tool_choice="none")
+    assert answered.output_text == "results: call_s0_0=A"
+
+
+def test_response_function_call(oa: openai.OpenAI) -> None:
+    body = raw_json(oa.responses.with_raw_response.create(model="m", input="x", tools=RESPONSE_TOOLS), "Response")
+    [call] = body["output"]
+    assert (call["type"], call["name"]) == ("function_call", "get_weather")
+    assert json.loads(call["arguments"]) == {"city": "Paris"}
+    assert body["usage"]["output_tokens"] > 0
+
+    # A forced function is the one called; the SDK's stream helper accumulates its arguments.
+    with oa.responses.stream(
+        model="m", input="x", tools=RESPONSE_TOOLS, tool_choice={"type": "function", "name": "get_time"}
+    ) as events:
+        fragments = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+        final = events.get_final_response()
+    [streamed] = final.output
+    assert streamed.type == "function_call"
+    assert streamed.name == "get_time"
+    assert len(fragments) > 3
+    assert json.loads(streamed.arguments) == {"city": "Paris"}
+
+
+def test_response_logprobs(oa: openai.OpenAI) -> None:
+    params: Any = {"model": "m", "input": "hello big world", "include": ["message.output_text.logprobs"]}
+    body = raw_json(oa.responses.with_raw_response.create(**params, top_logprobs=2), "Response")
+    logprobs = body["output"][0]["content"][0]["logprobs"]
+    assert "".join(entry["token"] for entry in logprobs) == "echo: hello big world"
+    assert all(len(entry["top_logprobs"]) == 2 for entry in logprobs)
+    assert body["top_logprobs"] == 2
+    events = response_stream(oa, **params)
+    assert all(len(e["logprobs"]) == 1 for e in events if e["type"] == "response.output_text.delta")
+
+
+def test_response_midstream_fail(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    received = []
+    with pytest.raises(openai.APIConnectionError):
+        for event in oa.responses.create(model="midstream-fail", input="x", stream=True):
+            received.append(event.type)
+    assert received == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert len(received) == MIDSTREAM_FAIL_CHUNKS
+    [record] = fake.wait_for_streams()
+    assert record.outcome == "aborted"
+    with pytest.raises(openai.APIConnectionError):
+        oa.responses.create(model="midstream-fail", input="x")
+
+
+def test_response_client_disconnect_is_recorded(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    events = oa.responses.create(model="slow-chunks-10", input="x", stream=True)
+    for index, _ in enumerate(events):
+        if index == 3:
+            break
+    events.close()
+    assert fake.disconnected.wait(5)
+    [record] = fake.wait_for_streams()
+    assert record.outcome == "disconnected"
+    assert 4 <= record.chunks_sent < 100
+    assert not fake.stored_responses  # never finished, so never kept
+
+
+def test_response_garbage_slow_and_bad_input(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    raw = oa.responses.with_raw_response.create(model="garbage", input="x")
+    assert raw.http_response.text == "<<<not json"
+    with pytest.raises(openai.APITimeoutError):
+        oa.with_options(timeout=0.3).responses.create(model="slow-1", input="x")
+    with httpx2.Client(base_url=fake.base_url, trust_env=False) as http:
+        bad = http.post("/responses", json={"model": "m", "input": 5})
+    assert bad.status_code == 400
+    validate("ErrorResponse", bad.json())
+    assert bad.json()["error"]["param"] == "input"
+
+
+async def test_async_client_response_stream(fake: FakeProvider) -> None:
+    async with (
+        openai.AsyncOpenAI(base_url=fake.base_url, api_key="test", max_retries=0) as client,
+        client.responses.stream(model="chunks-5", input="x") as events,
+    ):
+        parts = [e.delta async for e in events if e.type == "response.output_text.delta"]
+        final = await events.get_final_response()
+    assert "".join(parts) == final.output_text == "w1 w2 w3 w4 w5"
 
 
 # -- failure behaviours ---------------------------------------------------------------------

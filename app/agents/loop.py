@@ -24,7 +24,7 @@ from jsonschema import Draft202012Validator
 from app import metrics
 from app.agents import steps
 from app.agents.tools import Tool, ToolResult, ToolSource
-from app.backends.base import Backend, CallStats, ChunkStream
+from app.backends.base import Backend, CallStats, ChunkStream, ToolStep
 from app.errors import invalid_request
 from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.settings import AgentSettings
@@ -184,7 +184,7 @@ class AgentBackend(Backend):
             server = [call for call in calls if call.name not in run.client_tools]
             if client or not server or run.final:
                 break
-            await self._run_tools(run, message.get("content"), server, run.reasoning.append)
+            await self._run_tools(run, message.get("content"), server, _keep_lines(run.reasoning))
         answer: dict[str, Any] = {"role": "assistant", "content": "".join(said) or None, "refusal": None}
         if client:
             # Server-side calls of the same answer are not run: the client's next request resumes from here.
@@ -275,20 +275,33 @@ class AgentBackend(Backend):
     # ---- tools -------------------------------------------------------------------------------------
 
     async def _run_tools(self, run: _Run, content: str | None, calls: list[_Call], emit: Callable[[str], Any]) -> None:
-        """Run one round's calls and append the assistant message and one result per call id."""
+        """Run one round's calls and append the assistant message and one result per call id. Each start and
+        end is told to ``emit`` as a step line, or, when the caller records steps, as an empty line after the
+        step record changed."""
         step = run.step
         run.messages.append({"role": "assistant", "content": content, "tool_calls": [c.message() for c in calls]})
         run.tool_calls += len(calls)
+        records = run.stats.tool_steps
+        shown: list[ToolStep | None] = []
         for call in calls:
-            emit(steps.started(step, call.name, call.arguments))
+            if records is None:
+                shown.append(None)
+                emit(steps.started(step, call.name, call.arguments))
+            else:
+                tool = self._tools.get(call.name)
+                record = ToolStep(call.id, call.name, call.arguments, tool.server if tool else None)
+                records.append(record)
+                shown.append(record)
+                emit("")
+        jobs = [self._run_tool(step, call, record, emit) for call, record in zip(calls, shown, strict=True)]
         if self.settings.parallel_tool_calls:
-            results = await asyncio.gather(*(self._run_tool(step, call, emit) for call in calls))
+            results = await asyncio.gather(*jobs)
         else:
-            results = [await self._run_tool(step, call, emit) for call in calls]
+            results = [await job for job in jobs]
         for call, text in zip(calls, results, strict=True):
             run.messages.append({"role": "tool", "tool_call_id": call.id, "content": text})
 
-    async def _run_tool(self, step: int, call: _Call, emit: Callable[[str], Any]) -> str:
+    async def _run_tool(self, step: int, call: _Call, record: ToolStep | None, emit: Callable[[str], Any]) -> str:
         started = time.perf_counter()
         outcome, result = await self._outcome(call)
         seconds = time.perf_counter() - started
@@ -301,7 +314,11 @@ class AgentBackend(Backend):
                                      "duration_ms": round(seconds * 1000, 3)})
         if log.isEnabledFor(logging.DEBUG):
             log.debug("tool call detail", extra={"tool": call.name, "arguments": call.arguments, "result": text})
-        emit(steps.finished(step, call.name, outcome, text, seconds))
+        if record is None:
+            emit(steps.finished(step, call.name, outcome, text, seconds))
+        else:
+            record.output, record.failed = text, outcome != _OK
+            emit("")
         return text
 
     async def _outcome(self, call: _Call) -> tuple[str, ToolResult]:
@@ -392,7 +409,8 @@ class AgentBackend(Backend):
         work.add_done_callback(lambda _: lines.put_nowait(_END))
         try:
             while (line := await lines.get()) is not _END:
-                yield [out.delta({"reasoning_content": line})]
+                # An empty line only says a recorded step changed: an empty batch wakes the caller.
+                yield [out.delta({"reasoning_content": line})] if line else []
         finally:
             # A client that leaves cancels the running tool calls with the stream.
             work.cancel()
@@ -417,6 +435,13 @@ def _tool_delta(run: _Run, step: _Step, part: dict[str, Any]) -> dict[str, Any] 
     if index not in step.client:
         return None
     return {**part, "index": step.client[index]}
+
+
+def _keep_lines(lines: list[str]) -> Callable[[str], None]:
+    def keep(line: str) -> None:
+        if line:
+            lines.append(line)
+    return keep
 
 
 def _cut(text: str, limit: int) -> str:

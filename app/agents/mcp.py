@@ -273,6 +273,7 @@ class _McpTool(Tool):
     def __init__(self, source: McpToolSource, remote_name: str, name: str, description: str,
                  parameters: dict[str, Any]) -> None:
         self._source = source
+        self.server = source.settings.name
         self.remote_name = remote_name
         self.name = name
         self.description = description

@@ -21,6 +21,8 @@ class Tool(ABC):
     name: str
     description: str
     parameters: dict[str, Any]
+    #: the MCP server it belongs to; None for a built-in
+    server: str | None = None
 
     @abstractmethod
     async def call(self, arguments: dict[str, Any]) -> ToolResult:

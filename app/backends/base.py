@@ -20,6 +20,20 @@ ChunkStream = AsyncIterator[list[bytes]]
 
 
 @dataclass(slots=True)
+class ToolStep:
+    """One server-side tool call an agent ran, for a caller that shows steps as structured items."""
+
+    call_id: str
+    name: str
+    arguments: str
+    #: the MCP server the tool belongs to; None for a built-in tool
+    server: str | None
+    #: None while the call runs
+    output: str | None = None
+    failed: bool = False
+
+
+@dataclass(slots=True)
 class CallStats:
     """What a backend learns during one call, read afterwards for logs and metrics."""
 
@@ -32,6 +46,10 @@ class CallStats:
     #: for agents: model calls made and server-side tool calls run
     steps: int | None = None
     tool_calls: int | None = None
+    #: set to a list by a caller that shows an agent's tool calls itself (the Responses API, as output items):
+    #: the agent appends its steps here instead of writing them into ``reasoning_content``, and a stream yields
+    #: an empty batch whenever a step starts or ends, so the caller sees it at once
+    tool_steps: list[ToolStep] | None = None
 
 
 class Backend(ABC):
@@ -41,6 +59,8 @@ class Backend(ABC):
     owned_by: str = "helios-serve"
     #: the model this one is derived from (a LoRA adapter's base model), listed as the model's parent
     parent: str | None = None
+    #: speaks the Responses API itself: /v1/responses is relayed to it instead of translated onto chat
+    relays_responses: bool = False
 
     def __init__(self, name: str) -> None:
         self.name = name
@@ -81,3 +101,11 @@ class Backend(ABC):
     async def embeddings(
         self, request: EmbeddingRequest, body: bytes, served_as: str, stats: CallStats
     ) -> bytes: ...
+
+    # Only backends with ``relays_responses`` implement these: the Responses request as bytes, ``model`` to be
+    # rewritten; a stream's payloads are the provider's event JSON, one per ``data:``.
+    async def responses(self, body: bytes, served_as: str, stats: CallStats) -> bytes:
+        raise NotImplementedError
+
+    async def responses_stream(self, body: bytes, served_as: str, stats: CallStats) -> ChunkStream:
+        raise NotImplementedError

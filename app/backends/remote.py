@@ -26,6 +26,8 @@ from app.streaming import DONE, sse_data
 _USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _FINISH_REASON = re.compile(rb'"finish_reason"\s*:\s*"([a-z_]+)"')
 _ERROR_EVENT = re.compile(rb'^\s*\{\s*"error"\s*:')
+# A Responses stream ends with one of these (an error event included); no [DONE] follows.
+_LAST_EVENT = re.compile(rb'^\s*\{\s*"type"\s*:\s*"(?:response\.(?:completed|incomplete|failed)|error)"')
 _RETRY_HEADER = "x-stainless-retry-count"
 _JSON_HEADERS = {"Content-Type": "application/json"}
 # Statuses whose provider message is about the client's own request, so it is passed on as it is.
@@ -41,6 +43,7 @@ class RemoteBackend(Backend):
         self._client: openai.AsyncOpenAI | None = None
         self._upstream_name = encode_string(settings.upstream_name)
         self._encoded_names = {name: encode_string(name) for name in settings.served_names}
+        self.relays_responses = settings.speaks_responses
 
     async def start(self) -> None:
         if self.settings.missing_key_reason() is not None:
@@ -97,6 +100,14 @@ class RemoteBackend(Backend):
     ) -> bytes:
         return await self._call("/embeddings", request.model, body, served_as, stats)
 
+    async def responses(self, body: bytes, served_as: str, stats: CallStats) -> bytes:
+        return await self._call("/responses", served_as, body, served_as, stats)
+
+    async def responses_stream(self, body: bytes, served_as: str, stats: CallStats) -> ChunkStream:
+        response = await self._send("/responses", self._upstream_body(body, served_as), stats, stream=True)
+        await self._expect_events(response, stats)
+        return self._relay_events(response, stats)
+
     # ---- plumbing --------------------------------------------------------------------------------
 
     def _upstream_body(self, body: bytes, client_model: str) -> bytes:
@@ -114,7 +125,8 @@ class RemoteBackend(Backend):
             raise upstream_unavailable(
                 f"The provider for model '{self.name}' answered with a body that is not JSON."
             ) from None
-        if not isinstance(data, dict) or "error" in data:
+        # A Response object has an "error" field of its own (null, or why it failed): it is an answer.
+        if not isinstance(data, dict) or ("error" in data and data.get("object") != "response"):
             stats.error_kind = "invalid_response"
             raise _error_from_body(data, response.status_code)
         usage = data.get("usage")
@@ -143,21 +155,42 @@ class RemoteBackend(Backend):
             else:
                 payload = prepend_field(payload, "stream_options", _INCLUDE_USAGE)
         response = await self._send(path, payload, stats, stream=True)
-        content_type = response.headers.get("content-type", "")
-        if not content_type.startswith("text/event-stream"):
-            stats.error_kind = "invalid_response"
-            try:
-                data: Any = json.loads(await response.aread())
-            except ValueError:
-                data = None
-            finally:
-                await response.aclose()
-            raise _error_from_body(data, response.status_code) if isinstance(data, dict) and "error" in data \
-                else upstream_unavailable(
-                    f"The provider for model '{self.name}' answered a stream request with '{content_type}'."
-                )
+        await self._expect_events(response, stats)
         return self._relay(response, self._encoded_names[served_as],
                            wants_usage, stats)
+
+    async def _expect_events(self, response: httpx2.Response, stats: CallStats) -> None:
+        """Refuse a stream answer that is not an event stream (an error body, say), closing it."""
+        content_type = response.headers.get("content-type", "")
+        if content_type.startswith("text/event-stream"):
+            return
+        stats.error_kind = "invalid_response"
+        try:
+            data: Any = json.loads(await response.aread())
+        except ValueError:
+            data = None
+        finally:
+            await response.aclose()
+        raise _error_from_body(data, response.status_code) if isinstance(data, dict) and "error" in data \
+            else upstream_unavailable(
+                f"The provider for model '{self.name}' answered a stream request with '{content_type}'."
+            )
+
+    async def _relay_events(self, response: httpx2.Response, stats: CallStats) -> AsyncIterator[list[bytes]]:
+        """A Responses stream's event payloads as they come; the caller frames them and names the model."""
+        ended = False
+        try:
+            async for batch in sse_data(response.aiter_bytes()):
+                if not ended and _LAST_EVENT.match(batch[-1]):
+                    ended = True
+                yield batch
+        except (httpx2.HTTPError, ValueError) as exc:
+            raise self._broken(exc, stats) from None
+        finally:
+            await response.aclose()
+        if not ended:
+            stats.error_kind = "stream_broken"
+            raise upstream_unavailable(f"The stream from the provider for model '{self.name}' ended early.")
 
     async def _relay(
         self, response: httpx2.Response, encoded_name: bytes, wants_usage: bool, stats: CallStats
@@ -190,20 +223,22 @@ class RemoteBackend(Backend):
                 if finished:
                     break
         except (httpx2.HTTPError, ValueError) as exc:
-            if _timed_out(exc):
-                stats.error_kind = "timeout"
-                raise upstream_timeout(
-                    f"The provider for model '{self.name}' stopped sending mid-stream."
-                ) from None
-            stats.error_kind = "stream_broken"
-            raise upstream_unavailable(
-                f"The stream from the provider for model '{self.name}' broke: {_root(exc).__name__}."
-            ) from None
+            raise self._broken(exc, stats) from None
         finally:
             await response.aclose()
         if not finished and not stats.finish_reasons:
             stats.error_kind = "stream_broken"
             raise upstream_unavailable(f"The stream from the provider for model '{self.name}' ended early.")
+
+    def _broken(self, exc: BaseException, stats: CallStats) -> APIError:
+        """A stream that failed while it was read."""
+        if _timed_out(exc):
+            stats.error_kind = "timeout"
+            return upstream_timeout(f"The provider for model '{self.name}' stopped sending mid-stream.")
+        stats.error_kind = "stream_broken"
+        return upstream_unavailable(
+            f"The stream from the provider for model '{self.name}' broke: {_root(exc).__name__}."
+        )
 
     async def _send(self, path: str, payload: bytes, stats: CallStats, *, stream: bool) -> httpx2.Response:
         if self._client is None:

@@ -3,18 +3,11 @@ they never know which kind of backend they talk to."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Awaitable
-from typing import TypeVar
-
-from pydantic import BaseModel, ValidationError
-from quart import Blueprint, Response, g, request
+from quart import Blueprint, Response, g
 from quart_schema import document_request, document_response
 
-from app import metrics
-from app.backends.base import Backend, ChunkStream
-from app.errors import from_validation_error, model_not_found, not_ready
-from app.exchange import Exchange
+from app.backends.base import Backend
+from app.errors import model_not_found
 from app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -26,60 +19,10 @@ from app.protocol import (
     ModelCard,
     ModelList,
 )
+from app.routes.calls import find_backend, json_response, read_body, stream_response, timed
 from app.state import app_state
-from app.streaming import sse_response
 
 blueprint = Blueprint("openai", __name__, url_prefix="/v1")
-
-_Request = TypeVar("_Request", bound=BaseModel)
-_Result = TypeVar("_Result")
-_JSON = "application/json"
-
-
-async def _read(model: type[_Request]) -> tuple[_Request, bytes]:
-    # Not request.data: that also parses the body as a form, for nothing.
-    body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
-    try:
-        # Validating the bytes directly skips building Python objects for the whole body first.
-        return model.model_validate_json(body), body
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-
-
-def _backend(model: str) -> Backend:
-    exchange: Exchange = g.exchange
-    backend = app_state().registry.find(model)
-    if backend is None:
-        exchange.model = metrics.UNKNOWN_MODEL
-        raise model_not_found(model)
-    exchange.serving(backend.name)
-    reason = backend.not_ready_reason()
-    if reason is not None:
-        raise not_ready(f"Model '{model}' is not ready: {reason}.")
-    return backend
-
-
-async def _timed(call: Awaitable[_Result]) -> _Result:
-    """Await a backend call, counting the wait as backend time rather than appliance overhead."""
-    exchange: Exchange = g.exchange
-    started = time.perf_counter()
-    try:
-        return await call
-    finally:
-        exchange.backend_seconds += time.perf_counter() - started
-
-
-def _json(body: bytes) -> Response:
-    return Response(body, status=200, content_type=_JSON)
-
-
-async def _stream(chunks: ChunkStream) -> Response:
-    exchange: Exchange = g.exchange
-    response = await sse_response(chunks, exchange)
-    # From here the stream reports its own end; a failure before its first chunk was an ordinary error.
-    exchange.stream = True
-    return response
-
 
 @blueprint.post("/chat/completions")
 @document_request(ChatCompletionRequest)
@@ -87,12 +30,12 @@ async def _stream(chunks: ChunkStream) -> Response:
 @document_response(ErrorResponse, 400)
 async def chat_completions() -> Response:
     """Create a chat completion; with `stream: true` an SSE stream of `chat.completion.chunk`."""
-    req, body = await _read(ChatCompletionRequest)
-    backend = _backend(req.model)
+    req, body = await read_body(ChatCompletionRequest)
+    backend = find_backend(req.model)
     stats = g.exchange.stats
     if req.stream:
-        return await _stream(await _timed(backend.chat_stream(req, body, req.model, stats)))
-    return _json(await _timed(backend.chat(req, body, req.model, stats)))
+        return await stream_response(await timed(backend.chat_stream(req, body, req.model, stats)))
+    return json_response(await timed(backend.chat(req, body, req.model, stats)))
 
 
 @blueprint.post("/completions")
@@ -101,12 +44,12 @@ async def chat_completions() -> Response:
 @document_response(ErrorResponse, 400)
 async def completions() -> Response:
     """Create a text completion; with `stream: true` an SSE stream of `text_completion` chunks."""
-    req, body = await _read(CompletionRequest)
-    backend = _backend(req.model)
+    req, body = await read_body(CompletionRequest)
+    backend = find_backend(req.model)
     stats = g.exchange.stats
     if req.stream:
-        return await _stream(await _timed(backend.completion_stream(req, body, req.model, stats)))
-    return _json(await _timed(backend.completion(req, body, req.model, stats)))
+        return await stream_response(await timed(backend.completion_stream(req, body, req.model, stats)))
+    return json_response(await timed(backend.completion(req, body, req.model, stats)))
 
 
 @blueprint.post("/embeddings")
@@ -115,16 +58,16 @@ async def completions() -> Response:
 @document_response(ErrorResponse, 400)
 async def embeddings() -> Response:
     """Create embeddings for one or more inputs."""
-    req, body = await _read(EmbeddingRequest)
-    backend = _backend(req.model)
-    return _json(await _timed(backend.embeddings(req, body, req.model, g.exchange.stats)))
+    req, body = await read_body(EmbeddingRequest)
+    backend = find_backend(req.model)
+    return json_response(await timed(backend.embeddings(req, body, req.model, g.exchange.stats)))
 
 
 @blueprint.get("/models")
 @document_response(ModelList, 200)
 async def list_models() -> Response:
     """Every model name and alias this appliance serves."""
-    return _json(app_state().models_body)
+    return json_response(app_state().models_body)
 
 
 @blueprint.get("/models/<path:model>")
@@ -136,7 +79,7 @@ async def get_model(model: str) -> Response:
     backend = registry.find(model)
     if backend is None:
         raise model_not_found(model)
-    return _json(model_card(model, backend, registry.created).model_dump_json().encode())
+    return json_response(model_card(model, backend, registry.created).model_dump_json().encode())
 
 
 def model_card(name: str, backend: Backend, created: int) -> ModelCard:

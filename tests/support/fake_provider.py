@@ -20,16 +20,29 @@ Behaviour is picked by the request's ``model`` field:
 
 Served ``model`` fields are the requested name plus :data:`MODEL_SUFFIX`, so tests can
 prove a gateway rewrites them.
+
+``POST /v1/responses`` speaks OpenAI's Responses API with the same behaviours. ``input`` (a string, or
+message / ``function_call`` / ``function_call_output`` items) is read as the chat answer reads ``messages``:
+the answer echoes the last user text, function tools are called as in chat, and ``tool-script`` rounds
+emit ``function_call`` items (``call_id`` as in chat) driven by the ``function_call_output`` items since the
+user message. ``max_output_tokens`` cuts the answer to that many words, with ``status: "incomplete"``
+(below :data:`MIN_OUTPUT_TOKENS` it is a 400, as at OpenAI). ``stream: true`` sends OpenAI's named events
+(``event:`` and ``data:`` lines, ``sequence_number`` from 0, no ``[DONE]``); ``error-event`` sends one
+``error`` event. Responses not created with ``store: false`` are kept, so ``previous_response_id`` continues
+their conversation (without their ``instructions``; an unknown id is a 404) and
+``GET``/``DELETE /v1/responses/{id}`` retrieve and delete them; :meth:`FakeProvider.reset` forgets them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import copy
 import hashlib
 import itertools
 import json
 import re
+import secrets
 import socket
 import ssl
 import struct
@@ -46,7 +59,9 @@ from aiohttp import web
 __all__ = [
     "DEFAULT_DIMENSIONS",
     "FAKE_MODELS",
+    "MIN_OUTPUT_TOKENS",
     "MODEL_SUFFIX",
+    "RESPONSE_TERMINAL_EVENTS",
     "SLOW_CHUNKS_LENGTH",
     "Behaviour",
     "FakeProvider",
@@ -61,6 +76,9 @@ __all__ = [
     "embeddings",
     "error_body",
     "parse_behaviour",
+    "response_events",
+    "response_input_items",
+    "response_object",
     "served_model",
 ]
 
@@ -633,6 +651,292 @@ def embeddings(body: Json) -> Json:
     }
 
 
+# -- Responses API ------------------------------------------------------------------
+
+
+# OpenAI rejects smaller limits with a 400 (integer_below_min_value), so the imitation does too.
+MIN_OUTPUT_TOKENS = 16
+RESPONSE_TERMINAL_EVENTS = ("response.completed", "response.incomplete")
+_LOGPROBS_INCLUDE = "message.output_text.logprobs"
+# The stream padding OpenAI adds to delta events unless stream_options.include_obfuscation is false.
+_OBFUSCATION_BLOCK = 16
+
+
+def _openai_id(prefix: str) -> str:
+    """An id shaped like OpenAI's Responses ids (``resp_``, ``msg_``, ``fc_`` and 48 hex digits)."""
+    return f"{prefix}_{secrets.token_hex(24)}"
+
+
+def response_input_items(value: Any) -> list[Json]:
+    """A request's ``input`` as a list of items (a string is one user message, as OpenAI reads it)."""
+    if isinstance(value, str):
+        return [{"type": "message", "role": "user", "content": value}]
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, dict)]
+    return []
+
+
+def _responses_problem(body: Json) -> tuple[str, str, str] | None:
+    """(message, param, code) of the 400 OpenAI answers to a malformed request, or None."""
+    value = body.get("input")
+    if value is not None and not isinstance(value, (str, list)):
+        return (
+            "Invalid type for 'input': expected one of a string or array of input items, "
+            f"but got {type(value).__name__} instead.",
+            "input",
+            "invalid_type",
+        )
+    limit = body.get("max_output_tokens")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit < MIN_OUTPUT_TOKENS:
+        return (
+            "Invalid 'max_output_tokens': integer below minimum value. "
+            f"Expected a value >= {MIN_OUTPUT_TOKENS}, but got {limit} instead.",
+            "max_output_tokens",
+            "integer_below_min_value",
+        )
+    return None
+
+
+def _chat_view(body: Json, items: list[Json]) -> Json:
+    """The chat request equivalent to a Responses conversation.
+
+    The chat planning (echo answer, special model names, tool calls, ``tool-script`` rounds, token limit)
+    then answers both APIs alike: function_call items become assistant tool_calls and
+    function_call_output items become tool messages.
+    """
+    messages: list[Json] = []
+    instructions = body.get("instructions")
+    if isinstance(instructions, str) and instructions:
+        messages.append({"role": "system", "content": instructions})
+    for item in items:
+        kind = item.get("type", "message")
+        if kind == "message":
+            messages.append({"role": item.get("role"), "content": _text_of(item.get("content"))})
+        elif kind == "function_call":
+            function = {"name": item.get("name"), "arguments": item.get("arguments")}
+            call = {"id": item.get("call_id"), "type": "function", "function": function}
+            messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+        elif kind == "function_call_output":
+            messages.append({"role": "tool", "tool_call_id": item.get("call_id"),
+                             "content": _text_of(item.get("output"))})
+    # Only function tools can be called by the fake model; hosted tools (web_search...) are just echoed.
+    tools = [
+        {"type": "function", "function": {"name": tool.get("name"), "parameters": tool.get("parameters")}}
+        for tool in body.get("tools") or ()
+        if isinstance(tool, dict) and tool.get("type") == "function"
+    ]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    include = body.get("include")
+    return {
+        "model": body.get("model"),
+        "messages": messages,
+        "tools": tools,
+        "tool_choice": choice,
+        "max_completion_tokens": body.get("max_output_tokens"),
+        "logprobs": isinstance(include, list) and _LOGPROBS_INCLUDE in include,
+        "top_logprobs": body.get("top_logprobs"),
+    }
+
+
+def _echoed_tools(body: Json) -> list[Any]:
+    """The request's tools as OpenAI echoes them: function tools with their defaults filled in."""
+    tools: list[Any] = []
+    for tool in body.get("tools") or ():
+        if isinstance(tool, dict) and tool.get("type") == "function":
+            tools.append({"description": None, "strict": True, **tool, "parameters": tool.get("parameters")})
+        else:
+            tools.append(tool)
+    return tools
+
+
+def _or_default(body: Json, key: str, default: Any) -> Any:
+    value = body.get(key)
+    return default if value is None else value
+
+
+@dataclass
+class _ResponseAnswer:
+    """A Responses answer: the final response object and, per output item, the fragments its stream sends."""
+
+    response: Json
+    #: per output item: the text pieces (message) or the argument fragments (function_call), one delta each
+    fragments: list[list[str]]
+
+
+def _response_answer(
+    body: Json, behaviour: Behaviour, items: list[Json], response_id: str, created: int
+) -> _ResponseAnswer:
+    view = _chat_view(body, items)
+    plan = _chat_plan(view, behaviour)
+    output: list[Json] = []
+    fragments: list[list[str]] = []
+    incomplete = False
+    if plan.calls is not None:
+        for call_id, name, pieces in plan.calls:
+            output.append({"id": _openai_id("fc"), "type": "function_call", "status": "completed",
+                           "arguments": "".join(pieces), "call_id": call_id, "name": name})
+            fragments.append(list(pieces))
+    else:
+        [(words, finish)] = plan.answers
+        pieces = _pieces(words)
+        incomplete = finish == "length"
+        logprobs = [_token_logprob(p, i, plan.top_logprobs) for i, p in enumerate(pieces)] if plan.logprobs else []
+        part = {"type": "output_text", "annotations": [], "logprobs": logprobs, "text": "".join(pieces)}
+        output.append({"id": _openai_id("msg"), "type": "message",
+                       "status": "incomplete" if incomplete else "completed", "content": [part], "role": "assistant"})
+        fragments.append(pieces)
+    input_tokens = _prompt_tokens(view)
+    text = body.get("text")
+    response: Json = {
+        "id": response_id,
+        "object": "response",
+        "created_at": created,
+        "status": "incomplete" if incomplete else "completed",
+        "background": False,
+        # Only a completed response has a completion time.
+        "completed_at": None if incomplete else int(time.time()),
+        "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "max_tool_calls": body.get("max_tool_calls"),
+        "model": plan.model,
+        "output": output,
+        "parallel_tool_calls": _or_default(body, "parallel_tool_calls", True),
+        "previous_response_id": body.get("previous_response_id"),
+        "prompt_cache_key": body.get("prompt_cache_key"),
+        "reasoning": _or_default(body, "reasoning", {"effort": None, "summary": None}),
+        "safety_identifier": body.get("safety_identifier"),
+        "service_tier": "default",
+        "store": _or_default(body, "store", True),
+        "temperature": _or_default(body, "temperature", 1.0),
+        "text": {"format": {"type": "text"}, "verbosity": "medium", **(text if isinstance(text, dict) else {})},
+        "tool_choice": _or_default(body, "tool_choice", "auto"),
+        "tools": _echoed_tools(body),
+        "top_logprobs": _or_default(body, "top_logprobs", 0),
+        "top_p": _or_default(body, "top_p", 1.0),
+        "truncation": _or_default(body, "truncation", "disabled"),
+        "usage": {
+            "input_tokens": input_tokens,
+            "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},
+            "output_tokens": plan.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + plan.completion_tokens,
+        },
+        "metadata": _or_default(body, "metadata", {}),
+    }
+    # OpenAI sends "user": null, which the spec does not allow (a plain string); echo it only when given.
+    if isinstance(body.get("user"), str):
+        response["user"] = body["user"]
+    return _ResponseAnswer(response, fragments)
+
+
+def response_object(body: Json, behaviour: Behaviour, items: list[Json], response_id: str, created: int) -> Json:
+    """The full ``response`` object answering a request whose conversation is ``items``.
+
+    ``items`` is everything the model sees: what ``previous_response_id`` reached, then the request's input.
+    """
+    return _response_answer(body, behaviour, items, response_id, created).response
+
+
+def _obfuscation(delta: str, sequence_number: int) -> str:
+    # Deterministic stand-in for OpenAI's random padding: it evens delta and padding out to a block.
+    length = _OBFUSCATION_BLOCK - len(delta) % _OBFUSCATION_BLOCK
+    return hashlib.sha256(f"{sequence_number}:{delta}".encode()).hexdigest()[:length]
+
+
+def response_events(
+    body: Json, behaviour: Behaviour, items: list[Json], response_id: str, created: int
+) -> Iterator[Json]:
+    """The events of a streamed response, in order, as OpenAI sends them (see :func:`response_object`)."""
+    answer = _response_answer(body, behaviour, items, response_id, created)
+    final = answer.response
+    options = body.get("stream_options")
+    obfuscate = not (isinstance(options, dict) and options.get("include_obfuscation") is False)
+    sequence = itertools.count()
+
+    def event(type_: str, **fields: Any) -> Json:
+        return {"type": type_, "sequence_number": next(sequence), **fields}
+
+    def delta(type_: str, piece: str, **fields: Any) -> Json:
+        out = event(type_, **fields, delta=piece)
+        if obfuscate:
+            out["obfuscation"] = _obfuscation(piece, out["sequence_number"])
+        return out
+
+    # The spec's Response has no null usage (OpenAI sends one here), so the snapshot leaves it out.
+    snapshot = {k: v for k, v in final.items() if k != "usage"}
+    snapshot.update(status="in_progress", completed_at=None, incomplete_details=None, output=[])
+    yield event("response.created", response=snapshot)
+    yield event("response.in_progress", response=snapshot)
+    for index, (item, pieces) in enumerate(zip(final["output"], answer.fragments, strict=True)):
+        if item["type"] == "message":
+            yield event("response.output_item.added", output_index=index,
+                        item={**item, "status": "in_progress", "content": []})
+            [part] = item["content"]
+            where = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            yield event("response.content_part.added", **where, part={**part, "text": "", "logprobs": []})
+            for position, piece in enumerate(pieces):
+                yield delta("response.output_text.delta", piece, **where,
+                            logprobs=part["logprobs"][position:position + 1])
+            yield event("response.output_text.done", **where, text=part["text"], logprobs=part["logprobs"])
+            yield event("response.content_part.done", **where, part=part)
+        else:
+            yield event("response.output_item.added", output_index=index,
+                        item={**item, "status": "in_progress", "arguments": ""})
+            for piece in pieces:
+                yield delta("response.function_call_arguments.delta", piece, item_id=item["id"], output_index=index)
+            yield event("response.function_call_arguments.done", item_id=item["id"], output_index=index,
+                        name=item["name"], arguments=item["arguments"])
+        yield event("response.output_item.done", output_index=index, item=item)
+    yield event(f"response.{final['status']}", response=final)
+
+
+@dataclass(frozen=True)
+class _StoredResponse:
+    """A response the provider keeps (``store`` not false) for retrieval and ``previous_response_id``."""
+
+    response: Json
+    #: the conversation a follow-up continues: the reached history, this input, this output
+    items: list[Json]
+
+
+@dataclass(frozen=True)
+class _SseFormat:
+    """How an API frames its server-sent events."""
+
+    #: an ``event: <type>`` line before each data line (Responses), or data lines only (chat, completions)
+    named: bool
+    #: written after the last event (b"" for none)
+    done: bytes
+    #: the only event of an ``error-event`` stream
+    error_event: Json
+
+    def frame(self, payload: Json) -> bytes:
+        data = f"data: {json.dumps(payload)}\n\n"
+        return (f"event: {payload['type']}\n{data}" if self.named else data).encode()
+
+
+_OVERLOADED: Json = {"message": "The model is overloaded.", "type": "server_error", "param": None, "code": "overloaded"}
+_CHAT_SSE = _SseFormat(named=False, done=b"data: [DONE]\n\n", error_event={"error": _OVERLOADED})
+# The spec documents the error's fields flat; at runtime OpenAI nests them under "error" (which is what
+# makes the official SDK raise). Sending both satisfies a client reading either shape.
+_RESPONSES_SSE = _SseFormat(
+    named=True,
+    done=b"",
+    error_event={
+        "type": "error",
+        "sequence_number": 0,
+        "code": _OVERLOADED["code"],
+        "message": _OVERLOADED["message"],
+        "param": None,
+        "error": _OVERLOADED,
+    },
+)
+
+
 class FakeProvider:
     """OpenAI-compatible fake on 127.0.0.1, served from a background thread."""
 
@@ -649,6 +953,7 @@ class FakeProvider:
         self._requests: list[RecordedRequest] = []
         self._streams: list[StreamRecord] = []
         self._model_counts: Counter[str] = Counter()
+        self._stored: dict[str, _StoredResponse] = {}
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -743,6 +1048,9 @@ class FakeProvider:
         app.router.add_post("/v1/chat/completions", self._handle_chat)
         app.router.add_post("/v1/completions", self._handle_completions)
         app.router.add_post("/v1/embeddings", self._handle_embeddings)
+        app.router.add_post("/v1/responses", self._handle_responses)
+        app.router.add_get("/v1/responses/{response_id}", self._handle_response_get)
+        app.router.add_delete("/v1/responses/{response_id}", self._handle_response_delete)
         app.router.add_get("/v1/models", self._handle_models)
         app.router.add_get("/v1/models/{model}", self._handle_model)
         # Plain web pages, for agents' http_fetch tool.
@@ -798,7 +1106,7 @@ class FakeProvider:
 
     @property
     def completed_streams(self) -> int:
-        """Streams sent through to ``[DONE]``."""
+        """Streams sent through to the end (``[DONE]``, or a Responses stream's last event)."""
         with self._lock:
             return sum(1 for s in self._streams if s.outcome == "completed")
 
@@ -814,7 +1122,7 @@ class FakeProvider:
     def wait_for_streams(self, count: int = 1, timeout: float = 5.0) -> list[StreamRecord]:
         """Wait until ``count`` streams exist and all have an outcome; returns them.
 
-        A client can read ``[DONE]`` before the handler records completion, so
+        A client can read the last event before the handler records completion, so
         check outcomes through this rather than ``streams`` right after a stream.
         """
         deadline = time.monotonic() + timeout
@@ -825,9 +1133,16 @@ class FakeProvider:
                 return streams
             time.sleep(0.01)
 
-    def reset(self) -> None:
-        """Forget recorded requests, counters and stream events."""
+    @property
+    def stored_responses(self) -> dict[str, Json]:
+        """Copies of the Responses API responses kept (``store`` not false), by id."""
         with self._lock:
+            return {response_id: copy.deepcopy(kept.response) for response_id, kept in self._stored.items()}
+
+    def reset(self) -> None:
+        """Forget recorded requests, counters, stream events and stored responses."""
+        with self._lock:
+            self._stored.clear()
             self._requests.clear()
             self._streams.clear()
             self._model_counts.clear()
@@ -866,19 +1181,24 @@ class FakeProvider:
     def _headers(self) -> dict[str, str]:
         return {"x-request-id": self._next_id("req"), "openai-processing-ms": "1"}
 
-    def _error(self, status: int, message: str | None = None, param: str | None = None) -> web.Response:
+    def _error(
+        self, status: int, message: str | None = None, param: str | None = None, code: str | None = None
+    ) -> web.Response:
         body = error_body(status)
         if message is not None:
-            body["error"].update(message=message, param=param, code=None)
+            body["error"].update(message=message, param=param, code=code)
         headers = self._headers()
         if status == 429:
             headers["Retry-After"] = str(RETRY_AFTER_SECONDS)
         return web.json_response(body, status=status, headers=headers)
 
+    def _authorized(self, request: web.Request) -> bool:
+        return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
+
     async def _prepare(self, request: web.Request) -> tuple[RecordedRequest, Json, Behaviour] | web.StreamResponse:
         """Record the request; return its body and behaviour, or an early response."""
         recorded = await self._record(request)
-        if self.api_key is not None and request.headers.get("Authorization") != f"Bearer {self.api_key}":
+        if not self._authorized(request):
             return self._error(401)
         body = recorded.body
         if not isinstance(body, dict):
@@ -931,6 +1251,69 @@ class FakeProvider:
             return self._error(400, "you must provide an input parameter", "input")
         return await self._json(request, embeddings(body), behaviour)
 
+    async def _handle_responses(self, request: web.Request) -> web.StreamResponse:
+        prepared = await self._prepare(request)
+        if isinstance(prepared, web.StreamResponse):
+            return prepared
+        _, body, behaviour = prepared
+        if (problem := _responses_problem(body)) is not None:
+            return self._error(400, *problem)
+        history: list[Json] = []
+        previous = body.get("previous_response_id")
+        if previous is not None:
+            with self._lock:
+                kept = self._stored.get(previous) if isinstance(previous, str) else None
+            if kept is None:
+                return self._error(404, f"Previous response with id '{previous}' not found.",
+                                   "previous_response_id", "previous_response_not_found")
+            history = kept.items
+        items = [*history, *response_input_items(body.get("input"))]
+        response_id, created = _openai_id("resp"), int(time.time())
+        if body.get("stream") is True:
+            events = self._keeping(body, items, response_events(body, behaviour, items, response_id, created))
+            return await self._stream(request, body, behaviour, events, _RESPONSES_SSE)
+        result = response_object(body, behaviour, items, response_id, created)
+        self._keep(body, items, result)
+        return await self._json(request, result, behaviour)
+
+    def _keep(self, body: Json, items: list[Json], response: Json) -> None:
+        if body.get("store") is not False:
+            with self._lock:
+                self._stored[response["id"]] = _StoredResponse(response, [*items, *response["output"]])
+
+    def _keeping(self, body: Json, items: list[Json], events: Iterator[Json]) -> Iterator[Json]:
+        """Pass events through, storing the response before its last event reaches the client.
+
+        Stored first so that a client retrieving the response right after the stream finds it.
+        """
+        for event in events:
+            if event["type"] in RESPONSE_TERMINAL_EVENTS:
+                self._keep(body, items, event["response"])
+            yield event
+
+    async def _handle_response_get(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        if not self._authorized(request):
+            return self._error(401)
+        response_id = request.match_info["response_id"]
+        with self._lock:
+            kept = self._stored.get(response_id)
+        if kept is None:
+            return self._error(404, f"Response with id '{response_id}' not found.")
+        return web.json_response(kept.response, headers=self._headers())
+
+    async def _handle_response_delete(self, request: web.Request) -> web.StreamResponse:
+        await self._record(request)
+        if not self._authorized(request):
+            return self._error(401)
+        response_id = request.match_info["response_id"]
+        with self._lock:
+            kept = self._stored.pop(response_id, None)
+        if kept is None:
+            return self._error(404, f"Response with id '{response_id}' not found.")
+        body = {"id": response_id, "object": "response", "deleted": True}
+        return web.json_response(body, headers=self._headers())
+
     async def _handle_sleep_page(self, request: web.Request) -> web.StreamResponse:
         """``GET /pages/sleep/S``: a text page after S seconds."""
         await self._record(request)
@@ -974,7 +1357,12 @@ class FakeProvider:
         return response
 
     async def _stream(
-        self, request: web.Request, body: Json, behaviour: Behaviour, chunks: Iterator[Json]
+        self,
+        request: web.Request,
+        body: Json,
+        behaviour: Behaviour,
+        chunks: Iterator[Json],
+        sse: _SseFormat = _CHAT_SSE,
     ) -> web.StreamResponse:
         record = StreamRecord(path=request.path, model=str(body.get("model")))
         with self._lock:
@@ -985,25 +1373,24 @@ class FakeProvider:
         try:
             await response.prepare(request)
             if behaviour.kind == "error_event":
-                event = {"error": {"message": "The model is overloaded.", "type": "server_error",
-                                   "param": None, "code": "overloaded"}}
-                await response.write(f"data: {json.dumps(event)}\n\n".encode())
+                await response.write(sse.frame(sse.error_event))
                 await response.write_eof()
                 self._finish(record, "completed")
                 return response
             for chunk in chunks:
                 if behaviour.kind == "midstream_fail" and record.chunks_sent >= MIDSTREAM_FAIL_CHUNKS:
-                    # Give the kernel the chunks already written, then reset without [DONE].
+                    # Give the kernel the chunks already written, then reset before the end of the stream.
                     await asyncio.sleep(0.05)
                     self._finish(record, "aborted")
                     _abort(request)
                     return response
-                await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+                await response.write(sse.frame(chunk))
                 with self._lock:
                     record.chunks_sent += 1
                 if behaviour.chunk_delay:
                     await asyncio.sleep(behaviour.chunk_delay)
-            await response.write(b"data: [DONE]\n\n")
+            if sse.done:
+                await response.write(sse.done)
             await response.write_eof()
         except (ConnectionError, asyncio.CancelledError) as exc:
             # aiohttp raises ClientConnectionResetError (a ConnectionResetError) on writes
