@@ -24,8 +24,7 @@ from app.responses.translate import (
     reasoning_item,
     response_logprobs,
     response_usage,
-    step_ids,
-    step_items,
+    step_item,
     text_part,
 )
 
@@ -67,8 +66,8 @@ class ChatEvents:
         self._finish: str | None = None
         self._steps = steps
         self._steps_seen = 0
-        #: agent steps shown as started and not yet finished: (record, ids, output index)
-        self._running: list[tuple[ToolStep, tuple[str, str], int]] = []
+        #: agent steps shown as started and not yet finished: (record, item id, output index)
+        self._running: list[tuple[ToolStep, str, int]] = []
 
     # ---- framing -----------------------------------------------------------------------------------
 
@@ -211,36 +210,25 @@ class ChatEvents:
         assert self._steps is not None
         for step in self._steps[self._steps_seen:]:
             self._close(out)
-            ids = step_ids(step)
             index = len(self.output)
-            # Recorded before it finished, so the items built now are the running ones.
-            item, _ = step_items(step, ids) if step.output is None else step_items(
-                ToolStep(step.call_id, step.name, step.arguments, step.server), ids)
-            self.output.append(item)
-            out.append(self.event("response.output_item.added", {"output_index": index, "item": item}))
-            if step.server is not None:
-                out.append(self.event("response.mcp_call.in_progress", {"item_id": item["id"], "output_index": index}))
-            self._running.append((step, ids, index))
+            item_id = new_id("mcp")
+            # Shown as it started, even when it has finished since.
+            self.output.append(step_item(ToolStep(step.call_id, step.name, step.arguments, step.server), item_id))
+            out.append(self.event("response.output_item.added", {"output_index": index, "item": self.output[index]}))
+            out.append(self.event("response.mcp_call_arguments.done", {
+                "item_id": item_id, "output_index": index, "arguments": step.arguments}))
+            out.append(self.event("response.mcp_call.in_progress", {"item_id": item_id, "output_index": index}))
+            self._running.append((step, item_id, index))
         self._steps_seen = len(self._steps)
-        still: list[tuple[ToolStep, tuple[str, str], int]] = []
-        for step, ids, index in self._running:
+        still: list[tuple[ToolStep, str, int]] = []
+        for step, item_id, index in self._running:
             if step.output is None:
-                still.append((step, ids, index))
+                still.append((step, item_id, index))
                 continue
-            item, result = step_items(step, ids)
-            self.output[index] = item
-            if step.server is not None:
-                kind = "response.mcp_call.failed" if step.failed else "response.mcp_call.completed"
-                out.append(self.event(kind, {"item_id": item["id"], "output_index": index}))
-            else:
-                out.append(self.event("response.function_call_arguments.done", {
-                    "item_id": item["id"], "output_index": index, "name": step.name, "arguments": step.arguments}))
-            out.append(self.event("response.output_item.done", {"output_index": index, "item": item}))
-            if result is not None:
-                at = len(self.output)
-                self.output.append(result)
-                out.append(self.event("response.output_item.added", {"output_index": at, "item": result}))
-                out.append(self.event("response.output_item.done", {"output_index": at, "item": result}))
+            self.output[index] = step_item(step, item_id)
+            kind = "response.mcp_call.failed" if step.failed else "response.mcp_call.completed"
+            out.append(self.event(kind, {"item_id": item_id, "output_index": index}))
+            out.append(self.event("response.output_item.done", {"output_index": index, "item": self.output[index]}))
         self._running = still
 
     # ---- the end -----------------------------------------------------------------------------------

@@ -33,6 +33,8 @@ _HANDLED = frozenset(ResponsesRequest.model_fields) | frozenset(_REFUSED)
 _PASSED = ("user", "service_tier", "prompt_cache_key", "safety_identifier", "temperature", "top_p",
            "parallel_tool_calls")
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+#: the ``server_label`` of an agent's built-in tools
+BUILTIN_LABEL = "builtin"
 
 
 def new_id(prefix: str) -> str:
@@ -326,28 +328,19 @@ def function_call_item(item_id: str, call_id: str, name: str, arguments: str,
             "status": status}
 
 
-def step_items(step: ToolStep, ids: tuple[str, str]) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """An agent's tool call as items: an ``mcp_call`` for an MCP tool, else a ``function_call`` and, once it
-    ran, its ``function_call_output``. ``ids`` are the two items' ids."""
+def step_item(step: ToolStep, item_id: str) -> dict[str, Any]:
+    """An agent's tool call as an ``mcp_call`` item: a call a server ran on the client's behalf, which is what it
+    is. Built-in tools too (``server_label`` "builtin"): as a ``function_call`` item, a client such as the Agents
+    SDK would look for the function among its own tools and fail the run."""
     done = step.output is not None
-    if step.server is not None:
-        item: dict[str, Any] = {"id": ids[0], "type": "mcp_call", "server_label": step.server, "name": step.name,
-                                "arguments": step.arguments, "output": None, "error": None,
-                                "status": ("failed" if step.failed else "completed") if done else "in_progress"}
-        if done and step.failed:
-            item["error"] = {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": step.output}]}
-        elif done:
-            item["output"] = step.output
-        return item, None
-    call = function_call_item(ids[0], step.call_id, step.name, step.arguments,
-                              "completed" if done else "in_progress")
-    output = {"id": ids[1], "type": "function_call_output", "call_id": step.call_id, "output": step.output,
-              "status": "completed"} if done else None
-    return call, output
-
-
-def step_ids(step: ToolStep) -> tuple[str, str]:
-    return (new_id("mcp" if step.server is not None else "fc"), new_id("fco"))
+    item: dict[str, Any] = {"id": item_id, "type": "mcp_call", "server_label": step.server or BUILTIN_LABEL,
+                            "name": step.name, "arguments": step.arguments, "output": None, "error": None,
+                            "status": ("failed" if step.failed else "completed") if done else "in_progress"}
+    if done and step.failed:
+        item["error"] = {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": step.output}]}
+    elif done:
+        item["output"] = step.output
+    return item
 
 
 def response_logprobs(content: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -368,10 +361,7 @@ def response_from_chat(shape: ResponseShape, answer: bytes, steps: list[ToolStep
     if reasoning:
         output.append(reasoning_item(new_id("rs"), reasoning))
     for step in steps or ():
-        call, result = step_items(step, step_ids(step))
-        output.append(call)
-        if result is not None:
-            output.append(result)
+        output.append(step_item(step, new_id("mcp")))
     content, refusal = message.get("content"), message.get("refusal")
     if content is not None or refusal:
         logprobs = response_logprobs((choice.get("logprobs") or {}).get("content"))

@@ -20,6 +20,7 @@ from tests.e2e.gateway import client, eventually, remote_model
 from tests.support.fake_provider import FakeProvider
 from tests.support.mcp_servers import SERVER_MODULE
 from tests.support.openapi import validate
+from app.settings import OpenAIModelSettings
 from tests.support.server import REPO_ROOT, HeliosProcess
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city", "strict": True,
@@ -39,6 +40,11 @@ def gateway(fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactor
             remote_model(fake_provider, "error-first", "error-event"),
             remote_model(fake_provider, "limited", "error-429"),
             remote_model(fake_provider, "scripted", "tool-script"),
+            remote_model(fake_provider, "native", "gpt-4o", responses_api="native"),
+            remote_model(fake_provider, "native-words", "chunks-30", responses_api="native"),
+            remote_model(fake_provider, "native-error-first", "error-event", responses_api="native"),
+            remote_model(fake_provider, "native-breaks", "midstream-fail", responses_api="native"),
+            remote_model(fake_provider, "native-limited", "error-429", responses_api="native"),
         ],
         "agents": [{"name": "agent", "model": "scripted", "tools": ["calculator"],
                     "mcp_servers": [{"name": "files", "command": sys.executable, "cwd": str(REPO_ROOT),
@@ -340,10 +346,12 @@ def test_an_agent_shows_its_tool_calls_as_items(oa: openai.OpenAI) -> None:
     data = _create(oa, model="agent", input=_script_input(
         [calc("6 * 7"), {"name": "add", "arguments": {"a": 2, "b": 3}}]))
     kinds = [item["type"] for item in data["output"]]
-    assert kinds == ["function_call", "function_call_output", "mcp_call", "message"], kinds
-    call, output, mcp, _ = data["output"]
-    assert call["name"] == "calculator" and output["call_id"] == call["call_id"] and output["output"] == "42"
+    assert kinds == ["mcp_call", "mcp_call", "message"], kinds
+    builtin, mcp, _ = data["output"]
+    assert builtin["server_label"] == "builtin" and builtin["name"] == "calculator"
+    assert json.loads(builtin["arguments"]) == {"expression": "6 * 7"} and builtin["output"] == "42"
     assert mcp["server_label"] == "files" and mcp["name"] == "add" and mcp["output"] == "5" and mcp["error"] is None
+    assert builtin["status"] == mcp["status"] == "completed"
     quoted = results(_texts(data))
     assert sorted(quoted.values()) == ["42", "5"]
     # The steps are items, not reasoning text.
@@ -353,17 +361,32 @@ def test_an_agent_shows_its_tool_calls_as_items(oa: openai.OpenAI) -> None:
 def test_an_agent_streams_its_tool_calls_as_item_events(oa: openai.OpenAI) -> None:
     events = _events(oa, model="agent", input=_script_input([calc("1 + 1")], [{"name": "fail", "arguments": {}}]))
     kinds = [e["type"] for e in events]
-    assert "response.mcp_call.in_progress" in kinds and "response.mcp_call.failed" in kinds
+    assert kinds.count("response.mcp_call.in_progress") == 2 and "response.mcp_call.failed" in kinds
+    assert kinds.count("response.mcp_call.completed") == 1
     final = events[-1]["response"]["output"]
-    types = [item["type"] for item in final]
-    assert types[:2] == ["function_call", "function_call_output"] and "mcp_call" in types
-    failed = next(item for item in final if item["type"] == "mcp_call")
+    assert [item["type"] for item in final] == ["mcp_call", "mcp_call", "message"]
+    assert final[0]["output"] == "2"
+    failed = final[1]
     assert failed["status"] == "failed" and failed["error"]["type"] == "mcp_tool_execution_error"
-    assert final[-1]["type"] == "message"
     # Every item announced in the stream is in the final response, under the same id and place.
     for event in events:
         if event["type"] == "response.output_item.done":
             assert final[event["output_index"]] == event["item"]
+        if event["type"] == "response.output_item.added":
+            assert final[event["output_index"]]["id"] == event["item"]["id"]
+
+
+def test_the_agents_sdk_runs_against_a_helios_agent(gateway: HeliosProcess) -> None:
+    # The SDK runs function_call items itself and fails on one it does not know; an agent's own calls are
+    # mcp_call items, which it records as calls a server ran.
+    from agents import Agent, OpenAIResponsesModel, Runner, set_tracing_disabled
+
+    set_tracing_disabled(True)
+    sdk_client = openai.AsyncOpenAI(base_url=f"{gateway.base_url}/v1", api_key="unused", max_retries=0)
+    agent = Agent(name="sdk", model=OpenAIResponsesModel("agent", sdk_client))
+    result = Runner.run_sync(agent, _script_input([calc("3 * 3")]), max_turns=2)
+    assert results(result.final_output) == {"call_s0_0": "9"}
+    assert any(getattr(item.raw_item, "type", None) == "mcp_call" for item in result.new_items)
 
 
 def test_an_agent_conversation_continues_with_its_tool_items(oa: openai.OpenAI, provider: FakeProvider) -> None:
@@ -374,3 +397,72 @@ def test_an_agent_conversation_continues_with_its_tool_items(oa: openai.OpenAI, 
     roles = [m["role"] for m in messages]
     assert roles[-5:] == ["user", "assistant", "tool", "assistant", "user"], roles
     assert messages[-3]["content"] == "4"
+
+
+# ---- relayed to a provider that speaks the Responses API ---------------------------------------------
+
+
+def test_openai_itself_is_relayed_natively_by_default() -> None:
+    assert OpenAIModelSettings(name="m", backend="openai").speaks_responses
+    assert not OpenAIModelSettings(name="m", backend="openai", base_url="http://127.0.0.1:1/v1").speaks_responses
+    assert OpenAIModelSettings(name="m", backend="openai", base_url="http://127.0.0.1:1/v1",
+                               responses_api="native").speaks_responses
+    assert not OpenAIModelSettings(name="m", backend="openai", responses_api="chat").speaks_responses
+
+
+def test_a_native_provider_gets_the_request_as_sent(oa: openai.OpenAI, provider: FakeProvider) -> None:
+    data = _create(oa, model="native", input="hello native", instructions="Be brief.", metadata={"k": "v"})
+    sent = provider.last_request
+    assert sent.path == "/v1/responses" and sent.body["model"] == "gpt-4o"
+    assert sent.body["input"] == "hello native" and sent.body["metadata"] == {"k": "v"}
+    assert data["model"] == "native" and _texts(data) == "echo: hello native"
+    # The provider's ids are kept, so the provider can continue its own conversation.
+    assert data["id"] in provider.stored_responses
+    assert oa.responses.retrieve(data["id"]).output_text == "echo: hello native"
+    follow = _create(oa, model="native", input="again", previous_response_id=data["id"])
+    assert provider.last_request.body["previous_response_id"] == data["id"]
+    assert _texts(follow) == "echo: again"
+
+
+def test_a_native_stream_is_relayed_with_our_model_name(oa: openai.OpenAI) -> None:
+    events = _events(oa, model="native-words", input="count")
+    assert events[-1]["type"] == "response.completed"
+    assert all(e["response"]["model"] == "native-words" for e in events if "response" in e)
+    deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
+    assert len(deltas) == 30
+    final = events[-1]["response"]
+    stored = oa.responses.with_raw_response.retrieve(final["id"]).http_response.json()
+    assert stored == final
+    with oa.responses.with_streaming_response.retrieve(final["id"], stream=True, starting_after=2) as replay:
+        replayed = [json.loads(line[6:]) for line in replay.iter_lines() if line.startswith("data: ")]
+    assert replayed == events[3:]
+
+
+def test_a_conversation_moves_from_a_chat_model_to_a_native_one(oa: openai.OpenAI, provider: FakeProvider) -> None:
+    first = _create(oa, model="chat-model", input="first turn")
+    second = _create(oa, model="native", input="second turn", previous_response_id=first["id"])
+    sent = provider.last_request.body
+    # The native provider never saw the first turn, so it gets the whole conversation instead of the id.
+    assert "previous_response_id" not in sent
+    assert [item.get("role") for item in sent["input"]] == ["user", "assistant", "user"]
+    assert _texts(second) == "echo: second turn"
+
+
+def test_native_failures(oa: openai.OpenAI) -> None:
+    with pytest.raises(openai.RateLimitError):
+        oa.responses.create(model="native-limited", input="hi")
+    with pytest.raises(openai.APIStatusError) as caught:
+        oa.responses.create(model="native-error-first", input="hi", stream=True)
+    assert caught.value.status_code == 502
+    events = _events(oa, model="native-breaks", input="hi")
+    assert events[-1]["type"] == "error"
+    assert not any(e["type"] == "response.completed" for e in events)
+
+
+def test_a_native_background_response_is_kept_under_our_id(oa: openai.OpenAI, provider: FakeProvider) -> None:
+    queued = _create(oa, model="native-words", input="count", background=True)
+    eventually(lambda: oa.responses.retrieve(queued["id"]).status == "completed", what="completion")
+    done = oa.responses.with_raw_response.retrieve(queued["id"]).http_response.json()
+    assert done["id"] == queued["id"] and done["background"] is True and len(_texts(done).split()) == 30
+    # The provider was asked for a stream, not a background job: ours can be followed and cancelled.
+    assert "background" not in provider.last_request.body and provider.last_request.body["stream"] is True

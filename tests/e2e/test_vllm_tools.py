@@ -358,3 +358,29 @@ def test_an_agent_loop_driven_by_the_engine(oa: openai.OpenAI) -> None:
 def _timeless(steps: str) -> str:
     """Step lines without what differs between two runs: durations and the clock's readings."""
     return re.sub(r" in \d+ ms|\d{4}-\d\d-\d\dT[\d:]+[+-]\d\d:\d\d", "", steps)
+
+
+def test_reasoning_becomes_a_reasoning_item_over_responses(oa: openai.OpenAI, markers: dict[str, float]) -> None:
+    extra = {"seed": 9, "logit_bias": markers,
+             "structured_outputs": {"regex": "<think>[a-z]{3,9} [a-z]{3,9}</think>[a-z]{3,9}"}}
+    raw = oa.responses.with_raw_response.create(model=THINK, input=USER[0]["content"], max_output_tokens=60,
+                                                extra_body=extra)
+    data = raw.http_response.json()
+    validate("Response", data)
+    reasoning, message = data["output"]
+    assert reasoning["type"] == "reasoning" and message["type"] == "message"
+    thought = reasoning["summary"][0]["text"]
+    assert re.fullmatch("[a-z]{3,9} [a-z]{3,9}", thought), reasoning
+    assert re.fullmatch("[a-z]{3,9}", message["content"][0]["text"]), message
+    events: list[dict[str, Any]] = []
+    with oa.responses.with_streaming_response.create(model=THINK, input=USER[0]["content"], max_output_tokens=60,
+                                                     stream=True, extra_body=extra) as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(json.loads(line[6:]))
+                validate("ResponseStreamEvent", events[-1])
+    kinds = [e["type"] for e in events]
+    assert kinds.index("response.reasoning_summary_part.added") < kinds.index("response.content_part.added")
+    streamed = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_summary_text.delta")
+    assert streamed == thought
+    assert events[-1]["response"]["output"][0]["summary"] == [{"type": "summary_text", "text": thought}]

@@ -23,9 +23,11 @@ _EXTRAS: dict[str, type | tuple[type, ...]] = {
     "include_stop_str_in_output": bool,
 }
 # Accepted and meaningless here (bookkeeping for the caller), so ignoring them changes no answer.
-_HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options"})
+# Prefix caching is automatic here, so a cache key changes nothing either.
+_HARMLESS = frozenset({"user", "metadata", "store", "service_tier", "parallel_tool_calls", "stream_options",
+                       "prompt_cache_key", "safety_identifier"})
 # vLLM extras read elsewhere: by the prompt renderer, the output parsers and structured_output() below.
-_CHAT_HANDLED = frozenset({"chat_template_kwargs", "include_reasoning", "structured_outputs"})
+_CHAT_HANDLED = frozenset({"chat_template_kwargs", "include_reasoning", "structured_outputs", "reasoning_effort"})
 _COMPLETION_HANDLED = frozenset({"structured_outputs"})
 
 

@@ -14,6 +14,9 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({"conversation", "messages", "tools", "cha
                                        "add_generation_prompt", "return_dict"})
 
 
+_EFFORTS = ("none", "minimal", "low", "medium", "high", "xhigh")
+
+
 class Prompts:
     def __init__(self, tokenizer: Any, template: str | None, max_model_len: int) -> None:
         self._tokenizer = tokenizer
@@ -31,6 +34,13 @@ class Prompts:
         if reserved:
             raise invalid_request(f"Invalid value for 'chat_template_kwargs': '{sorted(reserved)[0]}' cannot be "
                                   "set there.", "chat_template_kwargs")
+        effort = (request.model_extra or {}).get("reasoning_effort")
+        if effort is not None:
+            # As vLLM's server does: templates with a notion of effort (gpt-oss, ...) read it; others ignore it.
+            if effort not in _EFFORTS:
+                raise invalid_request(f"Invalid value for 'reasoning_effort': expected one of {', '.join(_EFFORTS)}.",
+                                      "reasoning_effort")
+            kwargs = {"reasoning_effort": effort, **kwargs}
         # Rendered inline: a worker thread would have to win the GIL from a loop busy relaying streams, which
         # measured here as seconds of delay for a few milliseconds of work.
         try:
