@@ -105,10 +105,13 @@ class ChatEvents:
                 reasoning = delta.get("reasoning_content") or delta.get("reasoning")
                 if reasoning:
                     self._text(out, "reasoning", reasoning)
+                logprobs = choice.get("logprobs")
                 if delta.get("content"):
-                    logprobs = choice.get("logprobs")
                     self._text(out, "message", delta["content"],
                                response_logprobs(logprobs.get("content")) if logprobs else None)
+                elif logprobs and logprobs.get("content") and self._open is not None and self._open.kind == "message":
+                    # A token without text (the engine's EOS): its logprobs, as the whole answer would have them.
+                    self._text(out, "message", "", response_logprobs(logprobs["content"]))
                 for call in delta.get("tool_calls") or ():
                     self._call(out, call)
                 if choice.get("finish_reason"):

@@ -401,10 +401,9 @@ class ResponsesService:
         running = self._running.get(response_id)
         if running is not None:
             return running[1].follow(after)
+        if json.loads(record.response)["status"] not in _FINAL:
+            return self._follow_elsewhere(response_id, owner, after)
         if record.events is None:
-            status = json.loads(record.response)["status"]
-            if status not in _FINAL:
-                return self._follow_elsewhere(response_id, owner, after)
             raise invalid_request(f"Response '{response_id}' was not streamed, so it has no events to replay; "
                                   "GET it without 'stream'.", "stream")
         return _replayed(record.events, after)
@@ -440,12 +439,23 @@ class ResponsesService:
             await asyncio.gather(running[0], return_exceptions=True)
         else:
             await self.store.announce_cancel(response_id)
-        async with asyncio.timeout(_CANCEL_WAIT):
-            while True:
-                record = await self._owned(response_id, owner)
-                if json.loads(record.response)["status"] in _FINAL:
-                    return record.response
-                await asyncio.sleep(_FOLLOW_POLL)
+        try:
+            async with asyncio.timeout(_CANCEL_WAIT):
+                while True:
+                    record = await self._owned(response_id, owner)
+                    if json.loads(record.response)["status"] in _FINAL:
+                        return record.response
+                    await asyncio.sleep(_FOLLOW_POLL)
+        except TimeoutError:
+            # No replica owns up to running it (the one that did has died, or cannot hear the cancel): it is
+            # marked cancelled here, so it does not stay in progress until its TTL.
+            response = json.loads(record.response)
+            response["status"] = "cancelled"
+            record.response = _dumps(response)
+            await self.store.put(record)
+            log.warning("response %s: no replica confirmed the cancel within %g s; marked cancelled",
+                        response_id, _CANCEL_WAIT)
+            return record.response
 
     async def input_items(self, response_id: str, owner: str, *, limit: int, order: str,
                           after: str | None) -> bytes:

@@ -27,6 +27,8 @@ _REFUSED = {
     "context_management": "server-side compaction is not served",
     "max_tool_calls": "a limit on built-in tool calls applies to hosted tools, which are not served; an agent's "
                       "limit is its max_steps setting",
+    # A chat extra that would make several answers, of which a Response shows one (or, streamed, a mix).
+    "n": "a response has one answer; send one request per answer",
 }
 # Fields this module or the service turns into something else; all others pass to the chat body as extras.
 _HANDLED = frozenset(ResponsesRequest.model_fields) | frozenset(_REFUSED)
@@ -344,11 +346,17 @@ def step_item(step: ToolStep, item_id: str) -> dict[str, Any]:
 
 
 def response_logprobs(content: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-    """Chat ``logprobs.content`` entries as Responses ``logprobs``."""
-    return [{"token": entry["token"], "logprob": entry["logprob"],
-             "top_logprobs": [{"token": top["token"], "logprob": top["logprob"]}
+    """Chat ``logprobs.content`` entries as Responses ``logprobs`` (whose ``bytes`` the spec requires)."""
+    return [{"token": entry["token"], "logprob": entry["logprob"], "bytes": _token_bytes(entry),
+             "top_logprobs": [{"token": top["token"], "logprob": top["logprob"], "bytes": _token_bytes(top)}
                               for top in entry.get("top_logprobs") or ()]}
             for entry in content or ()]
+
+
+def _token_bytes(entry: dict[str, Any]) -> list[int]:
+    """A chat logprob's ``bytes``, which chat may leave null: then the token's own UTF-8."""
+    value = entry.get("bytes")
+    return list(value) if value is not None else list(str(entry["token"]).encode())
 
 
 def response_from_chat(shape: ResponseShape, answer: bytes, steps: list[ToolStep] | None) -> dict[str, Any]:

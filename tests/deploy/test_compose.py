@@ -87,7 +87,7 @@ def _scraped_names() -> set[tuple[str, int]]:
 def test_compose_config_default_stack() -> None:
     config = _config()
     services = config["services"]
-    assert set(services) == {"helios", "prometheus", "grafana"}, "helios-gpu must stay behind its profile"
+    assert set(services) == {"helios", "prometheus", "grafana"}, "helios-gpu and redis must stay behind their profiles"
 
     helios = services["helios"]
     assert helios["build"]["target"] == "cpu"
@@ -101,6 +101,10 @@ def test_compose_config_default_stack() -> None:
     assert (REPO_ROOT / "config" / config_path.removeprefix("/etc/helios/")).is_file(), config_path
     assert [p["target"] for p in helios["ports"]] == [8000]
     assert all(p.get("host_ip") == "127.0.0.1" for p in helios["ports"]), "publish on loopback by default"
+    # Stored responses: unset by default (None: passed through only when set), so the config file decides.
+    assert helios["environment"]["HELIOS_RESPONSES__STORE"] is None
+    assert helios["environment"]["HELIOS_RESPONSES__REDIS_URL"] is None
+    assert "redis-data" not in {v["source"] for v in helios.get("volumes", [])}
 
     prometheus = services["prometheus"]
     assert prometheus["image"].startswith("prom/prometheus")
@@ -134,6 +138,67 @@ def test_compose_config_gpu_profile() -> None:
     assert "Qwen/Qwen2.5-1.5B-Instruct" in config_file.read_text()
     published = {p["published"] for s in services.values() for p in s.get("ports", [])}
     assert len(published) == sum(len(s.get("ports", [])) for s in services.values()), "host port clash"
+
+
+def _documented_redis_env() -> dict[str, str]:
+    """The .env lines the compose file's header gives for switching helios to the redis profile."""
+    lines = [line.removeprefix("#").strip() for line in COMPOSE_FILE.read_text().splitlines() if line.startswith("#")]
+    documented = dict(
+        line.split("=", 1) for line in lines if re.fullmatch(r"(COMPOSE_PROFILES|HELIOS_RESPONSES__[A-Z_]+)=\S+", line)
+    )
+    assert set(documented) == {"COMPOSE_PROFILES", "HELIOS_RESPONSES__STORE", "HELIOS_RESPONSES__REDIS_URL"}, lines
+    return documented
+
+
+def test_compose_config_redis_profile() -> None:
+    """The optional Redis of the stored responses: behind its profile, unpublished, the chart's image."""
+    config = _config("--profile", "redis")
+    redis = config["services"]["redis"]
+    assert redis["profiles"] == ["redis"]
+    chart = yaml.safe_load((REPO_ROOT / "helm/helios-serve/values.yaml").read_text())["redis"]["image"]
+    assert redis["image"] == f"{chart['repository']}:{chart['tag']}" == "redis:7-alpine"
+    assert "ports" not in redis and "network_mode" not in redis, "only the project's containers may reach it"
+    assert _mounts(redis)["/data"] == ("redis-data", False)
+    assert "redis-data" in config["volumes"]
+    command = redis["command"]
+    assert command[0] == "redis-server"
+    assert command[command.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    # The profile alone does not switch helios: the store stays the config file's until the env says so.
+    assert config["services"]["helios"]["environment"]["HELIOS_RESPONSES__STORE"] is None
+    # Together with gpu: still no host port clash (redis publishes none).
+    services = _config("--profile", "redis", "--profile", "gpu")["services"]
+    published = [p["published"] for s in services.values() for p in s.get("ports", [])]
+    assert len(published) == len(set(published))
+
+
+def test_compose_redis_switch_as_documented(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The header's .env lines start redis with the default `up` and point both helios services at it, with
+    settings the app accepts."""
+    env = _documented_redis_env()
+    services = _config(env=env)["services"]
+    assert "redis" in services, "COMPOSE_PROFILES=redis starts it with a plain `docker compose up`"
+    url = urllib.parse.urlsplit(env["HELIOS_RESPONSES__REDIS_URL"])
+    # The service name on the compose network, and the port Redis listens on inside it.
+    assert (url.scheme, url.hostname, url.port or 6379) == ("redis", "redis", 6379)
+    gpu = _config("--profile", "gpu", env=env)["services"]["helios-gpu"]
+    for service in (services["helios"], gpu):
+        assert service["environment"]["HELIOS_RESPONSES__STORE"] == "redis"
+        assert service["environment"]["HELIOS_RESPONSES__REDIS_URL"] == env["HELIOS_RESPONSES__REDIS_URL"]
+
+    # The app takes the pair over the default config's (memory) store.
+    settings = pytest.importorskip("app.settings")
+    for var in list(os.environ):
+        if var.upper().startswith("HELIOS_"):
+            monkeypatch.delenv(var)
+    monkeypatch.setenv("HELIOS_CONFIG", str(REPO_ROOT / "config/docker/compose.toml"))
+    monkeypatch.setenv("HELIOS_SECRETS_DIR", str(tmp_path / "no-secrets"))
+    for key in ("HELIOS_RESPONSES__STORE", "HELIOS_RESPONSES__REDIS_URL"):
+        monkeypatch.setenv(key, services["helios"]["environment"][key])
+    loaded = settings.load_settings()
+    assert loaded.responses.store == "redis"
+    assert loaded.responses.redis_url is not None
+    assert loaded.responses.redis_url.get_secret_value() == env["HELIOS_RESPONSES__REDIS_URL"]
 
 
 def test_compose_env_example_documents_the_variables() -> None:

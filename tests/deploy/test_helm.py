@@ -41,13 +41,28 @@ ALERTS = {
     "HeliosBackendNotReady",
     "HeliosEngineQueueGrowing",
     "HeliosScrapeMissing",
+    "HeliosAgentToolErrorRatio",
 }
+# The compose stack's rules, which the chart's PrometheusRule carries per release (test_rules_mirror_compose_alerts).
+COMPOSE_ALERTS = ROOT / "config" / "prometheus" / "alerts.yml"
 SCENARIOS = {
     "default": [],
     "gpu": ["-f", str(CHART / "ci" / "gpu-values.yaml")],
     "full": ["-f", str(CHART / "ci" / "full-values.yaml")],
+    "redis": ["-f", str(CHART / "ci" / "redis-values.yaml")],
 }
 SCHEMA_ERROR = "values don't meet the specifications of the schema"
+# The schema's error when several replicas would each keep their own stored responses.
+SHARED_REDIS_ERROR = (
+    "with more than one replica (replicaCount > 1, or autoscaling.maxReplicas > 1), a Redis shared by the pods for "
+    "stored responses (redis.enabled, redis.url or redis.existingSecret; or responses.allowPerReplicaStore=true to "
+    "keep them per pod) is required"
+)
+REDIS_FULLNAME = f"{FULLNAME}-redis"
+# Where the app reads responses.redis_url from (HELIOS_SECRETS_DIR=/run/secrets, nested with "__").
+REDIS_URL_FILE = "/run/secrets/helios_responses__redis_url"
+# Lets a render with several replicas through the schema without a Redis, where the test is about something else.
+PER_REPLICA = ("--set", "responses.allowPerReplicaStore=true")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -130,7 +145,34 @@ def one(docs: list[dict[str, Any]], kind: str) -> dict[str, Any]:
 
 
 def deployment(docs: list[dict[str, Any]]) -> dict[str, Any]:
-    return one(docs, "Deployment")
+    """The app's Deployment (the built-in Redis has one too)."""
+    [dep] = [d for d in of_kind(docs, "Deployment") if d["metadata"]["name"] != REDIS_FULLNAME]
+    return dep
+
+
+def redis_objects(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [d for d in docs if d["metadata"].get("labels", {}).get("app.kubernetes.io/component") == "redis"]
+
+
+def app_service(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    [svc] = [d for d in of_kind(docs, "Service") if d["metadata"]["name"] != REDIS_FULLNAME]
+    return svc
+
+
+def secret_data(docs: list[dict[str, Any]]) -> dict[str, str]:
+    """The chart's Secret, decoded."""
+    return {k: base64.b64decode(v).decode() for k, v in one(docs, "Secret")["data"].items()}
+
+
+def assert_only_in_secret(docs: list[dict[str, Any]], *values: str) -> None:
+    """None of ``values`` appears in a manifest other than the Secret, neither plain nor base64-encoded."""
+    for doc in docs:
+        if doc["kind"] == "Secret":
+            continue
+        text = yaml.safe_dump(doc)
+        for value in values:
+            assert value not in text, (doc["kind"], doc["metadata"]["name"], value)
+            assert base64.b64encode(value.encode()).decode() not in text, (doc["kind"], value)
 
 
 def pod_spec(docs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -284,7 +326,8 @@ def test_prometheus_rules_pass_promtool(overrides: list[str], tmp_path: Path) ->
         [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=30, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "SUCCESS: 6 rules found" in proc.stdout, proc.stdout
+    # The six alerts of the chart and one from additionalRules.
+    assert "SUCCESS: 7 rules found" in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------- default values
@@ -301,7 +344,7 @@ def test_default_objects() -> None:
         assert labels["app.kubernetes.io/version"] == chart_app_version()
         assert labels["app.kubernetes.io/managed-by"] == "Helm"
         assert labels["helm.sh/chart"] == "helios-serve-0.1.0"
-    dep = deployment(docs)
+    dep = one(docs, "Deployment")
     assert dep["metadata"]["name"] == FULLNAME
     assert dep["spec"]["replicas"] == 1
     selector = dep["spec"]["selector"]["matchLabels"]
@@ -371,9 +414,11 @@ def test_default_probes_ports_and_env() -> None:
 
 def test_default_has_no_secret_and_no_optional_objects() -> None:
     docs = scenario("default")
-    for kind in ("Secret", "Ingress", "HorizontalPodAutoscaler", "PodDisruptionBudget", *CRD_KINDS):
+    for kind in ("Secret", "Ingress", "HorizontalPodAutoscaler", "PodDisruptionBudget", "NetworkPolicy", *CRD_KINDS):
         assert not of_kind(docs, kind), kind
     assert "/run/secrets/helios_auth__api_keys" not in mounts_of(container(docs))
+    assert REDIS_URL_FILE not in mounts_of(container(docs))
+    assert not redis_objects(docs)
 
 
 def test_default_config_toml() -> None:
@@ -387,11 +432,49 @@ def test_default_config_toml() -> None:
     assert [(m["name"], m["backend"], m["api_key_env"]) for m in config["models"]] == [
         ("gpt-4o-mini", "openai", "OPENAI_API_KEY")
     ]
+    # No Redis: stored responses in each pod's memory, with the app's own defaults written out.
+    assert config["responses"] == {
+        "store": "memory",
+        "redis_prefix": "helios:responses:",
+        "redis_timeout": 2,
+        "ttl": 2592000,
+        "max_responses": 10000,
+        "max_bytes": 268435456,
+    }
+    assert "redis_url" not in config["responses"]
+
+
+# Stand-ins for the files of Secrets the chart does not render (existingSecret values), by file name.
+EXISTING_SECRET_FILES = {
+    "helios_auth__api_keys": '["sk-existing"]',
+    "helios_responses__redis_url": "redis://redis.example.com:6379/0",
+}
+
+
+def _secrets_dir(docs: list[dict[str, Any]], directory: Path) -> dict[str, str]:
+    """The files the pod finds in /run/secrets, as the mounts and volumes say: name -> content."""
+    volumes = volumes_of(docs)
+    rendered = secret_data(docs) if of_kind(docs, "Secret") else {}
+    files: dict[str, str] = {}
+    for path, mount in mounts_of(container(docs)).items():
+        if not path.startswith("/run/secrets/"):
+            continue
+        secret = volumes[mount["name"]]["secret"]
+        [item] = secret["items"]
+        name = path.removeprefix("/run/secrets/")
+        assert item["path"] == mount["subPath"] == name
+        own = secret["secretName"] == FULLNAME
+        files[name] = rendered[item["key"]] if own else EXISTING_SECRET_FILES[name]
+    directory.mkdir()
+    for name, content in files.items():
+        (directory / name).write_text(content)
+    return files
 
 
 @pytest.mark.parametrize("name", SCENARIOS)
 def test_config_is_accepted_by_the_app(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The rendered config.toml loads with the app's own settings model (TOML types, known keys)."""
+    """The rendered config.toml, with the Secret files the pod mounts, loads with the app's own settings model
+    (TOML types, known keys, and store = "redis" only with the URL the app needs for it)."""
     settings = pytest.importorskip("app.settings")
     docs = scenario(name)
     path = tmp_path / "config.toml"
@@ -400,10 +483,14 @@ def test_config_is_accepted_by_the_app(name: str, tmp_path: Path, monkeypatch: p
         if var.upper().startswith("HELIOS_"):
             monkeypatch.delenv(var)
     monkeypatch.setenv("HELIOS_CONFIG", str(path))
-    monkeypatch.setenv("HELIOS_SECRETS_DIR", str(tmp_path / "no-secrets"))
+    files = _secrets_dir(docs, tmp_path / "secrets")
+    monkeypatch.setenv("HELIOS_SECRETS_DIR", str(tmp_path / "secrets"))
     loaded = settings.load_settings()
     assert loaded.server.port == container(docs)["ports"][0]["containerPort"]
     assert [m.name for m in loaded.models] == [m["name"] for m in config_toml(docs)["models"]]
+    assert loaded.responses.store == ("redis" if name in ("full", "redis") else "memory")
+    url = loaded.responses.redis_url
+    assert (url.get_secret_value() if url else None) == files.get("helios_responses__redis_url")
 
 
 def test_config_checksum_rolls_pods_on_config_change_only() -> None:
@@ -411,7 +498,7 @@ def test_config_checksum_rolls_pods_on_config_change_only() -> None:
     assert re.fullmatch(r"[0-9a-f]{64}", base)
     assert checksum(render()) == base
     assert checksum(render("--set", "config.server.log_level=debug")) != base
-    assert checksum(render("--set", "replicaCount=3")) == base
+    assert checksum(render("--set", "replicaCount=3", *PER_REPLICA)) == base
 
 
 def test_termination_grace_period_follows_graceful_timeout() -> None:
@@ -453,6 +540,16 @@ def test_notes_render(tmp_path: Path) -> None:
             assert "OPENAI_API_KEY" in notes and "WARNING" in notes
         else:
             assert "Authorization: Bearer $HELIOS_API_KEY" in notes, name
+        stored = {
+            "redis": f"In the chart's Redis ({REDIS_FULLNAME})",
+            "full": "In your Redis (URL from Secret helios-redis)",
+        }.get(name, "In each pod's memory")
+        assert stored in notes, (name, notes)
+        assert "each with its own stored responses" not in notes, name
+    several = template_text(
+        "--set", "replicaCount=2", *PER_REPLICA, "--show-only", "templates/zz-notes.yaml", chart=chart
+    )
+    assert "WARNING: several pods, each with its own stored responses" in yaml.safe_load(several)["notes"]
 
 
 # ---------------------------------------------------------------------------------------------- secrets
@@ -498,6 +595,16 @@ def test_inline_keys_go_to_a_secret_only() -> None:
 def test_existing_secrets_render_no_secret() -> None:
     docs = scenario("full")
     assert not of_kind(docs, "Secret")
+    # The external Redis's URL, from its own Secret, as the one file the app reads it from.
+    mount = mounts_of(container(docs))[REDIS_URL_FILE]
+    assert mount["subPath"] == "helios_responses__redis_url" and mount["readOnly"] is True
+    assert volumes_of(docs)[mount["name"]]["secret"] == {
+        "secretName": "helios-redis",
+        "defaultMode": 0o444,
+        "items": [{"key": "url", "path": "helios_responses__redis_url"}],
+    }
+    assert config_toml(docs)["responses"]["store"] == "redis"
+    assert not redis_objects(docs)
     c = container(docs)
     mount = mounts_of(c)["/run/secrets/helios_auth__api_keys"]
     volume = volumes_of(docs)[mount["name"]]["secret"]
@@ -558,6 +665,191 @@ def test_pvc_variants() -> None:
     assert volumes_of(sized)["model-cache"]["emptyDir"] == {"sizeLimit": "5Gi"}
 
 
+# ---------------------------------------------------------------------------------------------- stored responses
+
+
+def _redis_url(password: str) -> str:
+    return f"redis://:{password}@{REDIS_FULLNAME}:6379/0"
+
+
+def test_builtin_redis() -> None:
+    """redis.enabled: a one-pod Redis, its password and the app's URL in the Secret only, the URL a file."""
+    docs = scenario("redis")
+    redis_dep = one(redis_objects(docs), "Deployment")
+    redis_svc = one(redis_objects(docs), "Service")
+    policy = one(docs, "NetworkPolicy")
+    assert {d["metadata"]["name"] for d in redis_objects(docs)} == {REDIS_FULLNAME}
+    assert sorted(d["kind"] for d in redis_objects(docs)) == ["Deployment", "NetworkPolicy", "Service"]
+
+    # The app: store = "redis", the URL from the chart's Secret as the file the settings read.
+    assert config_toml(docs)["responses"]["store"] == "redis"
+    assert config_toml(docs)["responses"]["ttl"] == 86400
+    data = secret_data(docs)
+    assert data["redis-password"] == "ci-redis-password"
+    assert data["helios_responses__redis_url"] == _redis_url("ci-redis-password")
+    assert_only_in_secret(docs, "ci-redis-password", data["helios_responses__redis_url"])
+    c = container(docs)
+    mount = mounts_of(c)[REDIS_URL_FILE]
+    assert mount["subPath"] == "helios_responses__redis_url" and mount["readOnly"] is True
+    assert volumes_of(docs)[mount["name"]]["secret"]["secretName"] == FULLNAME
+    assert volumes_of(docs)[mount["name"]]["secret"]["items"] == [
+        {"key": "helios_responses__redis_url", "path": "helios_responses__redis_url"}
+    ]
+    assert not any("REDIS" in name for name in env_of(c)), "the URL is a file, not an env var"
+
+    # Redis: one pod (its data is not shared), the image default, the password from the Secret (not the spec).
+    assert redis_dep["spec"]["replicas"] == 1 and redis_dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = redis_dep["spec"]["template"]["spec"]
+    [redis] = pod["containers"]
+    assert redis["image"] == "redis:7-alpine" and redis["imagePullPolicy"] == "IfNotPresent"
+    args = redis["args"]
+    assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
+    assert args[args.index("--maxmemory") + 1] == "96mb"
+    assert args[args.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert args[args.index("--save") + 1] == ""
+    assert env_of(redis)["REDIS_PASSWORD"]["valueFrom"] == {"secretKeyRef": {"name": FULLNAME, "key": "redis-password"}}
+    assert redis["resources"] == {"requests": {"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "128Mi"}}
+    assert redis["securityContext"]["readOnlyRootFilesystem"] is True
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["nodeSelector"] == {"kubernetes.io/os": "linux"}
+    assert {m["mountPath"] for m in redis["volumeMounts"]} == {"/data"}
+
+    # Selectors: the app's Service (and PDB) never pick the Redis pod; Redis's Service and policy pick only it.
+    redis_labels = redis_dep["spec"]["template"]["metadata"]["labels"]
+    app_labels = deployment(docs)["spec"]["template"]["metadata"]["labels"]
+    assert not app_service(docs)["spec"]["selector"].items() <= redis_labels.items()
+    assert not one(docs, "PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= redis_labels.items()
+    assert redis_svc["spec"]["selector"].items() <= redis_labels.items()
+    assert not redis_svc["spec"]["selector"].items() <= app_labels.items()
+    assert redis_svc["spec"]["ports"] == [{"name": "redis", "port": 6379, "targetPort": "redis", "protocol": "TCP"}]
+    assert policy["spec"]["podSelector"]["matchLabels"] == redis_svc["spec"]["selector"]
+    [rule] = policy["spec"]["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": app_service(docs)["spec"]["selector"]}}]
+    assert rule["ports"] == [{"port": 6379, "protocol": "TCP"}]
+
+
+def test_builtin_redis_image_and_options() -> None:
+    docs = render(
+        "--set", "redis.enabled=true",
+        "--set", "redis.image.repository=registry.example.com/mirror/redis",
+        "--set", "redis.image.tag=7.4.2-alpine",
+        "--set", "redis.image.pullPolicy=Always",
+        "--set", "redis.networkPolicy.enabled=false",
+        "--set", "redis.extraArgs={--save,60 1}",
+    )  # fmt: skip
+    [redis] = one(redis_objects(docs), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert redis["image"] == "registry.example.com/mirror/redis:7.4.2-alpine"
+    assert redis["imagePullPolicy"] == "Always"
+    assert redis["args"][-2:] == ["--save", "60 1"]
+    assert not of_kind(docs, "NetworkPolicy")
+
+
+def test_builtin_redis_generated_password_is_stable_for_the_checksums() -> None:
+    """No redis.auth.password: a generated one, the same in the password key and the URL of one render.
+
+    `helm template` cannot read the previous one back (no `lookup`), so each render generates anew; the pods'
+    checksums must not follow it, or every upgrade would roll them (and empty the in-memory Redis).
+    """
+    texts = [template_text("--set", "redis.enabled=true") for _ in range(2)]
+    renders = [[d for d in yaml.safe_load_all(t) if d] for t in texts]
+    passwords = []
+    for docs in renders:
+        data = secret_data(docs)
+        password = data["redis-password"]
+        assert re.fullmatch(r"[A-Za-z0-9]{32}", password)
+        assert data["helios_responses__redis_url"] == _redis_url(password)
+        assert_only_in_secret(docs, password)
+        passwords.append(password)
+    assert passwords[0] != passwords[1]
+    app = [deployment(docs)["spec"]["template"]["metadata"]["annotations"]["checksum/secret"] for docs in renders]
+    redis = [
+        one(redis_objects(docs), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/auth"]
+        for docs in renders
+    ]
+    assert app[0] == app[1] and redis[0] == redis[1]
+    # ... while a password that is set does roll both.
+    changed = render("--set", "redis.enabled=true", "--set", "redis.auth.password=other")
+    assert deployment(changed)["spec"]["template"]["metadata"]["annotations"]["checksum/secret"] != app[0]
+    assert (
+        one(redis_objects(changed), "Deployment")["spec"]["template"]["metadata"]["annotations"]["checksum/auth"]
+        != redis[0]
+    )
+
+
+def test_builtin_redis_password_is_percent_encoded_in_the_url() -> None:
+    """Any password works: the URL carries it percent-encoded, and redis-py (the app's client) decodes it back."""
+    password = "p@ss w+rd/:x%"
+    docs = render("--set", "redis.enabled=true", "--set-string", f"redis.auth.password={password}")
+    data = secret_data(docs)
+    assert data["redis-password"] == password
+    url = data["helios_responses__redis_url"]
+    assert url == _redis_url("p%40ss%20w%2Brd%2F%3Ax%25")
+    connection = pytest.importorskip("redis.connection", reason="redis-py is an app dependency")
+    parsed = connection.parse_url(url)
+    assert parsed["password"] == password
+    assert (parsed["host"], parsed["port"], parsed["db"]) == (REDIS_FULLNAME, 6379, 0)
+
+
+def test_builtin_redis_without_auth() -> None:
+    docs = render("--set", "redis.enabled=true", "--set", "redis.auth.enabled=false")
+    data = secret_data(docs)
+    assert data == {"helios_responses__redis_url": f"redis://{REDIS_FULLNAME}:6379/0"}
+    [redis] = one(redis_objects(docs), "Deployment")["spec"]["template"]["spec"]["containers"]
+    assert "--requirepass" not in redis["args"] and "env" not in redis
+
+
+def test_external_redis_url() -> None:
+    """redis.url: the app's URL in the chart's Secret (next to the other keys), no Redis of the chart's own."""
+    url = "rediss://:s3cret-pw@redis.example.com:6380/1"
+    docs = render("--set", f"redis.url={url}", "--set", "auth.apiKeys={sk-a}", "--set", "replicaCount=2")
+    assert not redis_objects(docs) and not of_kind(docs, "NetworkPolicy")
+    assert deployment(docs)["spec"]["replicas"] == 2
+    assert config_toml(docs)["responses"]["store"] == "redis"
+    data = secret_data(docs)
+    assert data["helios_responses__redis_url"] == url and "redis-password" not in data
+    assert json.loads(data["helios_auth__api_keys"]) == ["sk-a"]
+    assert_only_in_secret(docs, url, "s3cret-pw")
+    mount = mounts_of(container(docs))[REDIS_URL_FILE]
+    assert volumes_of(docs)[mount["name"]]["secret"]["secretName"] == FULLNAME
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "replicaCount=2"],
+        ["--set", "autoscaling.enabled=true"],  # maxReplicas defaults to 4
+        ["--set", "autoscaling.enabled=true", "--set", "autoscaling.maxReplicas=2"],
+        ["--set", "replicaCount=2", "--set", "redis.url="],
+        ["-f", str(CHART / "ci" / "full-values.yaml"), "--set", "redis.existingSecret="],
+    ],
+)
+def test_schema_requires_a_shared_redis_for_several_replicas(args: list[str]) -> None:
+    """Several pods would each keep their own stored responses: a follow-up on another pod answers 404."""
+    stderr = expect_failure(*args)
+    assert SCHEMA_ERROR in stderr and SHARED_REDIS_ERROR in stderr, stderr
+    lint = helm("lint", "--strict", str(CHART), *args, check=False)
+    assert lint.returncode != 0 and SHARED_REDIS_ERROR in lint.stdout + lint.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--set", "replicaCount=2", "--set", "redis.enabled=true"],
+        ["--set", "replicaCount=2", "--set", "redis.url=redis://redis.example.com:6379/0"],
+        ["--set", "replicaCount=2", "--set", "redis.existingSecret=helios-redis"],
+        ["--set", "autoscaling.enabled=true", "--set", "redis.enabled=true"],
+        ["--set", "replicaCount=2", *PER_REPLICA],
+        # replicaCount is ignored with an HPA: at most one pod here.
+        ["--set", "replicaCount=2", "--set", "autoscaling.enabled=true", "--set", "autoscaling.maxReplicas=1"],
+        ["--set", "replicaCount=1"],
+        ["--set", "replicaCount=0"],
+    ],
+)
+def test_schema_accepts_replicas_with_a_shared_redis_or_one_pod(args: list[str]) -> None:
+    assert deployment(render(*args))
+
+
 # ---------------------------------------------------------------------------------------------- everything on
 
 
@@ -616,22 +908,54 @@ def test_full_values_monitoring() -> None:
     assert "up{" in exprs["HeliosScrapeMissing"] and "absent(up{" in exprs["HeliosScrapeMissing"]
     selector = f'job="helios",namespace="{NAMESPACE}"'
     assert all(selector in e for a, e in exprs.items() if a in ALERTS)
+    tools = exprs["HeliosAgentToolErrorRatio"]
+    assert 'helios_agent_tool_calls_total{job="helios",namespace="helios-test",outcome!="ok"}' in tools
+    assert ") > 0.1\n" in tools and "* 60 >= 2" in tools
     fors = {r["alert"]: r["for"] for r in rules}
     assert fors["HeliosHighErrorRatio"] == "5m"
     assert fors["HeliosBackendNotReady"] == "5m"
     assert fors["HeliosEngineQueueGrowing"] == "15m"
+    assert fors["HeliosAgentToolErrorRatio"] == "15m"
+
+
+def test_rules_mirror_compose_alerts() -> None:
+    """The chart's PrometheusRule carries the alerts of the compose stack's alerts.yml, with its defaults.
+
+    The chart's rules add the release's selector and namespace/job labels, and take their thresholds from
+    values: what must match is the set of alerts, their severity, their duration and their threshold.
+    """
+    compose = {
+        rule["alert"]: rule
+        for group in yaml.safe_load(COMPOSE_ALERTS.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    }
+    [group] = one(render("--set", "metrics.prometheusRule.enabled=true"), "PrometheusRule")["spec"]["groups"]
+    chart = {rule["alert"]: rule for rule in group["rules"]}
+    assert set(chart) == set(compose) == ALERTS
+    # The one duration the chart has always set apart: 5m by default, where alerts.yml waits 2m.
+    own_duration = {"HeliosScrapeMissing"}
+    for name, rule in compose.items():
+        assert chart[name]["labels"]["severity"] == rule["labels"]["severity"], name
+        if name not in own_duration:
+            assert chart[name]["for"] == rule["for"], name
+    # The thresholds are the last number of each comparison: the same numbers, in the same order.
+    number = r"(?:>=?|==)\s*([0-9.]+)"
+    for name, rule in compose.items():
+        assert re.findall(number, chart[name]["expr"]) == re.findall(number, rule["expr"]), name
 
 
 def test_pdb_only_with_several_replicas() -> None:
     assert not of_kind(render("--set", "replicaCount=1"), "PodDisruptionBudget")
-    pdb = one(render("--set", "replicaCount=3"), "PodDisruptionBudget")
+    pdb = one(render("--set", "replicaCount=3", *PER_REPLICA), "PodDisruptionBudget")
     assert pdb["spec"] == {
         "maxUnavailable": 1,
         "selector": {"matchLabels": {"app.kubernetes.io/name": "helios-serve", "app.kubernetes.io/instance": RELEASE}},
     }
-    assert one(render("--set", "autoscaling.enabled=true"), "PodDisruptionBudget")
+    assert one(render("--set", "autoscaling.enabled=true", *PER_REPLICA), "PodDisruptionBudget")
     assert not of_kind(
-        render("--set", "replicaCount=3", "--set", "podDisruptionBudget.enabled=false"), "PodDisruptionBudget"
+        render("--set", "replicaCount=3", "--set", "podDisruptionBudget.enabled=false", *PER_REPLICA),
+        "PodDisruptionBudget",
     )
 
 
@@ -659,6 +983,18 @@ def test_pdb_only_with_several_replicas() -> None:
         (["--set", "metrics.serviceMonitor.interval=often"], "metrics.serviceMonitor.interval"),
         (["--set", "providerKeys.not-an-env-name=x"], "providerKeys"),
         (["--set", "startupProbe.failureThreshold=0"], "startupProbe.failureThreshold"),
+        # The URL may hold a password: never in the ConfigMap; and the store follows redis.*.
+        (["--set", "config.responses.redis_url=redis://:pw@r:6379/0"], "config.responses.redis_url"),
+        (["--set", "config.responses.store=redis"], "config.responses.store"),
+        (["--set", "config.responses.ttl=0"], "config.responses.ttl"),
+        (["--set", "config.responses.max_bytes=1000"], "config.responses.max_bytes"),
+        (["--set", "config.responses.max_responses=0"], "config.responses.max_responses"),
+        (["--set", "config.responses.max_reponses=5"], "Additional property max_reponses is not allowed"),
+        (["--set", "redis.url=http://redis:6379"], "redis.url"),
+        (["--set", "redis.image.pullPolicy=Sometimes"], "redis.image.pullPolicy"),
+        (["--set", "redis.maxmemory=lots"], "redis.maxmemory"),
+        (["--set", "redis.enable=true"], "Additional property enable is not allowed"),
+        (["--set", "metrics.prometheusRule.rules.agentToolErrorRatio.threshold=2"], "agentToolErrorRatio.threshold"),
     ],
 )
 def test_schema_rejects_bad_values(args: list[str], message: str) -> None:
@@ -674,7 +1010,18 @@ def test_schema_rejects_bad_values(args: list[str], message: str) -> None:
         (["-f", str(CHART / "ci" / "gpu-values.yaml"), "--set", "config.server.workers=2"], "workers = 1"),
         (["--set", "auth.apiKeys={a}", "--set", "auth.existingSecret=s"], "not both"),
         (["--set", "terminationGracePeriodSeconds=30"], "must be greater than config.server.graceful_timeout"),
-        (["--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=5"], "maxReplicas"),
+        (
+            ["--set", "autoscaling.enabled=true", "--set", "autoscaling.minReplicas=5", *PER_REPLICA],
+            "autoscaling.maxReplicas must be >= autoscaling.minReplicas",
+        ),
+        (
+            ["--set", "redis.enabled=true", "--set", "redis.url=redis://r:6379/0"],
+            "set only one of redis.enabled, redis.url and redis.existingSecret (got redis.enabled, redis.url)",
+        ),
+        (
+            ["--set", "redis.url=redis://r:6379/0", "--set", "redis.existingSecret=s"],
+            "set only one of redis.enabled, redis.url and redis.existingSecret",
+        ),
     ],
 )
 def test_templates_reject_inconsistent_values(args: list[str], message: str) -> None:
@@ -689,6 +1036,9 @@ def test_templates_reject_inconsistent_values(args: list[str], message: str) -> 
 OPAQUE_VALUES = {
     "config",
     "resources",
+    "redis.resources",
+    "redis.podSecurityContext",
+    "redis.securityContext",
     "podSecurityContext",
     "securityContext",
     "startupProbe",

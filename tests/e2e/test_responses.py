@@ -15,12 +15,12 @@ import httpx2
 import openai
 import pytest
 
+from app.settings import OpenAIModelSettings
 from tests.e2e.agents_support import calc, results
 from tests.e2e.gateway import client, eventually, remote_model
 from tests.support.fake_provider import FakeProvider
 from tests.support.mcp_servers import SERVER_MODULE
 from tests.support.openapi import validate
-from app.settings import OpenAIModelSettings
 from tests.support.server import REPO_ROOT, HeliosProcess
 
 WEATHER = {"type": "function", "name": "get_weather", "description": "Weather for a city", "strict": True,

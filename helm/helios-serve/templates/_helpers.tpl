@@ -77,7 +77,12 @@ The app's config as TOML. Helm hands numbers to templates as float64 and toToml 
 whole numbers are turned back into TOML integers (float settings accept integers).
 */}}
 {{- define "helios-serve.configToml" -}}
-{{- $toml := toToml .Values.config }}
+{{- /* responses.store follows redis.* (the schema keeps it out of config), so it always matches the URL. */}}
+{{- $config := deepCopy (.Values.config | default dict) }}
+{{- $responses := deepCopy (get $config "responses" | default dict) }}
+{{- $_ := set $responses "store" (ternary "redis" "memory" (include "helios-serve.redisUsed" . | eq "true")) }}
+{{- $_ := set $config "responses" $responses }}
+{{- $toml := toToml $config }}
 {{- if hasPrefix "toml:" $toml }}
 {{- fail (printf "config cannot be written as TOML: %s (note: arrays must not mix types)" $toml) }}
 {{- end }}
@@ -130,10 +135,100 @@ Whether client auth is on, and where the keys come from.
 {{- end }}
 
 {{/*
-Whether the chart renders its own Secret (inline client keys and/or inline provider keys).
+Whether the chart renders its own Secret (inline client keys, inline provider keys, the Redis URL unless it
+comes from redis.existingSecret).
 */}}
 {{- define "helios-serve.createSecret" -}}
-{{- if or (and .Values.auth.apiKeys (not .Values.auth.existingSecret)) (and .Values.providerKeys (not .Values.providerKeysExistingSecret)) }}true{{ end }}
+{{- if or (and .Values.auth.apiKeys (not .Values.auth.existingSecret)) (and .Values.providerKeys (not .Values.providerKeysExistingSecret)) .Values.redis.enabled .Values.redis.url }}true{{ end }}
+{{- end }}
+
+{{/*
+Checksum of what the chart's Secret is made of rather than of the rendered Secret: a generated Redis password is
+new at every render and only kept across upgrades through `lookup`, so hashing it would roll the pods (and
+wipe the built-in Redis) on the first upgrade for nothing.
+*/}}
+{{- define "helios-serve.secretChecksum" -}}
+{{- $inputs := dict "fullname" (include "helios-serve.fullname" .) "redis" (pick .Values.redis "enabled" "url" "auth") }}
+{{- if not .Values.auth.existingSecret }}{{ $_ := set $inputs "apiKeys" .Values.auth.apiKeys }}{{ end }}
+{{- if not .Values.providerKeysExistingSecret }}{{ $_ := set $inputs "providerKeys" .Values.providerKeys }}{{ end }}
+{{- toJson $inputs | sha256sum }}
+{{- end }}
+
+{{/*
+Stored responses in Redis: the built-in one (redis.enabled) or an external one (redis.url / existingSecret).
+*/}}
+{{- define "helios-serve.redisUsed" -}}
+{{- if or .Values.redis.enabled .Values.redis.url .Values.redis.existingSecret }}true{{ end }}
+{{- end }}
+
+{{/*
+Whether more than one helios pod can run (the rule of values.schema.json's check for a shared Redis).
+*/}}
+{{- define "helios-serve.severalReplicas" -}}
+{{- if .Values.autoscaling.enabled }}
+{{- if gt (int .Values.autoscaling.maxReplicas) 1 }}true{{ end }}
+{{- else if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- end }}
+
+{{/*
+Where the app's responses.redis_url comes from: a key of the chart's Secret, or of redis.existingSecret. The file
+name (helios_responses__redis_url in HELIOS_SECRETS_DIR) is what the app's settings read as responses.redis_url.
+*/}}
+{{- define "helios-serve.redisUrlSecretName" -}}
+{{- default (include "helios-serve.fullname" .) .Values.redis.existingSecret }}
+{{- end }}
+
+{{- define "helios-serve.redisUrlSecretKey" -}}
+{{- if .Values.redis.existingSecret }}{{ .Values.redis.existingSecretKey }}{{ else }}helios_responses__redis_url{{ end }}
+{{- end }}
+
+{{/*
+The built-in Redis: its name (a suffix on a fullname cut short enough to stay distinct from it), and labels whose
+name differs from the app's, so that the app's Service, PDB and ServiceMonitor selectors never match it.
+*/}}
+{{- define "helios-serve.redisFullname" -}}
+{{- printf "%s-redis" (include "helios-serve.fullname" . | trunc 57 | trimSuffix "-") }}
+{{- end }}
+
+{{- define "helios-serve.redisSelectorLabels" -}}
+app.kubernetes.io/name: {{ printf "%s-redis" (include "helios-serve.name" . | trunc 57 | trimSuffix "-") }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: redis
+{{- end }}
+
+{{- define "helios-serve.redisLabels" -}}
+helm.sh/chart: {{ include "helios-serve.chart" . }}
+{{ include "helios-serve.redisSelectorLabels" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: helios-serve
+{{- end }}
+
+{{/*
+Password of the built-in Redis: redis.auth.password, else the one an earlier install generated (kept in the
+chart's Secret), else a new one. Include it once per manifest: a new one is random at each include.
+*/}}
+{{- define "helios-serve.redisPassword" -}}
+{{- if .Values.redis.auth.password }}
+{{- .Values.redis.auth.password }}
+{{- else }}
+{{- $existing := lookup "v1" "Secret" .Release.Namespace (include "helios-serve.fullname" .) | default dict }}
+{{- $previous := dig "data" "redis-password" "" $existing }}
+{{- if $previous }}{{ b64dec $previous }}{{ else }}{{ randAlphaNum 32 }}{{ end }}
+{{- end }}
+{{- end }}
+
+{{/*
+URL of the built-in Redis, given (dict "context" $ "password" $password). The password is percent-encoded for
+the URL's userinfo (urlquery writes a space as "+", which a URL parser keeps as "+": hence the replace; a "+"
+itself is already "%2B").
+*/}}
+{{- define "helios-serve.builtinRedisUrl" -}}
+{{- $ctx := .context }}
+{{- $auth := "" }}
+{{- if $ctx.Values.redis.auth.enabled }}
+{{- $auth = printf ":%s@" (.password | urlquery | replace "+" "%20") }}
+{{- end }}
+{{- printf "redis://%s%s:6379/0" $auth (include "helios-serve.redisFullname" $ctx) }}
 {{- end }}
 
 {{/*
@@ -170,6 +265,13 @@ Cross-field checks the JSON schema cannot express; they fail `helm install/templ
 {{- if gt (index $server "workers" | default 1 | int) 1 }}
 {{- fail "a model with backend \"vllm\" needs config.server.workers = 1" }}
 {{- end }}
+{{- end }}
+{{- $redisSources := list }}
+{{- if .Values.redis.enabled }}{{ $redisSources = append $redisSources "redis.enabled" }}{{ end }}
+{{- if .Values.redis.url }}{{ $redisSources = append $redisSources "redis.url" }}{{ end }}
+{{- if .Values.redis.existingSecret }}{{ $redisSources = append $redisSources "redis.existingSecret" }}{{ end }}
+{{- if gt (len $redisSources) 1 }}
+{{- fail (printf "set only one of redis.enabled, redis.url and redis.existingSecret (got %s)" (join ", " $redisSources)) }}
 {{- end }}
 {{- if and .Values.autoscaling.enabled (lt (int .Values.autoscaling.maxReplicas) (int .Values.autoscaling.minReplicas)) }}
 {{- fail "autoscaling.maxReplicas must be >= autoscaling.minReplicas" }}
