@@ -78,6 +78,8 @@ class Exchange:
                     "retries": self.stats.retries,
                     **({"steps": self.stats.steps, "tool_calls": self.stats.tool_calls}
                        if self.stats.steps is not None else {}),
+                    **({"served_by": self.stats.served_by, "attempts": self.stats.attempts}
+                       if self.stats.attempts is not None else {}),
                     "client_disconnected": disconnected,
                 },
             )

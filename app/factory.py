@@ -27,7 +27,8 @@ from app.state import AppState, install_state
 log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/=+-]{1,128}$")
-_CORS_HEADERS = "Authorization, Content-Type, X-Request-ID, OpenAI-Organization, OpenAI-Project"
+_CORS_HEADERS = ("Authorization, Content-Type, X-Request-ID, OpenAI-Organization, OpenAI-Project, "
+                 "X-Helios-No-Fallback, X-Helios-Max-Attempts")
 
 
 def create_app(settings: Settings) -> Quart:
@@ -41,7 +42,7 @@ def create_app(settings: Settings) -> Quart:
                   description="OpenAI-compatible API for remote and embedded models."),
         scalar_ui_path=None,
     )
-    registry = Registry(settings.models, settings.agents)
+    registry = Registry(settings.models, settings.agents, settings.pools, settings.routing)
     service = ResponsesService(build_store(settings.responses), registry.find)
     install_state(app.extensions, AppState(
         settings=settings, registry=registry, models_body=openai.models_body(registry.served_names(),
@@ -105,10 +106,16 @@ def _install_hooks(app: Quart, settings: Settings) -> None:
         origin = request.headers.get("Origin")
         if origin and ("*" in origins or origin in origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
-            response.headers["Access-Control-Expose-Headers"] = "X-Request-ID, Retry-After"
+            response.headers["Access-Control-Expose-Headers"] = ("X-Request-ID, Retry-After, X-Helios-Served-By, "
+                                                                 "X-Helios-Attempts")
             if "*" not in origins:
                 response.vary.add("Origin")
         exchange: Exchange | None = g.get("exchange")
+        if exchange is not None and exchange.in_flight:
+            # Which configured model answered, and in how many upstream attempts (routers change both).
+            stats = exchange.stats
+            response.headers["X-Helios-Served-By"] = stats.served_by or exchange.model
+            response.headers["X-Helios-Attempts"] = str(stats.attempts if stats.attempts is not None else 1)
         if exchange is not None and not exchange.stream:
             exchange.finish(response.status_code)
         return response

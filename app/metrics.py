@@ -97,6 +97,28 @@ agent_step_limit = Counter(
     "helios_agent_step_limit_reached", "Agent requests that ran max_steps rounds and were made to answer.",
     ["agent"],
 )
+pool_attempts = Counter(
+    "helios_pool_attempts", "Attempts a pool (or a name with fallbacks) made, by member and outcome (ok, "
+    "rate_limit, timeout, connection, server_error, not_ready, context_length, client_error, cancelled).",
+    ["pool", "member", "outcome"],
+)
+fallbacks = Counter(
+    "helios_fallbacks", "Requests passed to a fallback, by the name that failed, the fallback, and why "
+    "(rate_limit, timeout, connection, server_error, not_ready, context_length, cooling_down).",
+    ["from", "to", "error_class"],
+)
+pool_member_state = Gauge(
+    "helios_pool_member_state", "A pool member's state: 0 healthy, 1 cooling down, 2 probing (half-open).",
+    ["pool", "member"], multiprocess_mode="livemax",
+)
+pool_cooldowns = Counter(
+    "helios_pool_cooldowns", "Times a pool member started a cool-down (failures, or a provider's Retry-After).",
+    ["pool", "member"],
+)
+spillovers = Counter(
+    "helios_spillovers", "Requests that skipped an embedded member before reaching it, by reason (queue: no "
+    "capacity; context: the prompt does not fit its max_model_len).", ["pool", "member", "reason"],
+)
 build_info = Gauge(
     "helios_build_info", "Build information; the value is always 1.", ["version", "python", "vllm"],
     multiprocess_mode="livemax",

@@ -128,9 +128,62 @@ class ResponsesSettings(_Section):
         return self
 
 
+class RoutingSettings(_Section):
+    """How pools and names with fallbacks retry, fail over and cool members down."""
+
+    max_attempts: int = Field(4, ge=1, le=20, description="Upstream attempts per request, fallbacks included.")
+    allowed_fails: int = Field(3, ge=1, description="Failures within failure_window before a member cools down.")
+    failure_window: float = Field(60.0, gt=0, description="Seconds over which a member's failures are counted.")
+    cooldown: float = Field(30.0, gt=0, description="Seconds a failing member is skipped before one probe.")
+    backoff_base: float = Field(0.2, ge=0, description="Seconds of the first back-off before a retry round.")
+    backoff_max: float = Field(5.0, ge=0, description="Largest back-off (full jitter below it).")
+    max_retry_wait: float = Field(
+        10.0, ge=0, description="Longest provider Retry-After honoured by waiting; a longer one moves on instead."
+    )
+    first_chunk_timeout: float | None = Field(
+        None, gt=0, description="Seconds a stream may take to its first chunk before it is tried elsewhere.",
+    )
+
+
+class PoolSettings(_Section):
+    """A served name answered by several configured models (its members), with routing between them."""
+
+    name: str = Field(min_length=1, description="The model name clients send for the pool.")
+    aliases: list[str] = Field(default_factory=list)
+    members: list[str] = Field(min_length=1, description="Configured model names, in priority order.")
+    strategy: Literal["priority", "weighted", "least_busy"] = "priority"
+    weights: list[float] | None = Field(None, description="weighted: one positive weight per member.")
+    fallbacks: list[str] = Field(default_factory=list, description="Names tried when every member failed.")
+    context_window_fallbacks: list[str] = Field(
+        default_factory=list, description="Names tried when the prompt fits no member."
+    )
+
+    @property
+    def served_names(self) -> list[str]:
+        return [self.name, *self.aliases]
+
+    @model_validator(mode="after")
+    def _shape(self) -> PoolSettings:
+        if len(set(self.members)) != len(self.members):
+            raise ValueError("a member is listed twice")
+        if self.strategy == "weighted":
+            if self.weights is None or len(self.weights) != len(self.members):
+                raise ValueError("strategy 'weighted' needs one weight per member")
+            if any(w <= 0 for w in self.weights):
+                raise ValueError("weights must be positive")
+        elif self.weights is not None:
+            raise ValueError("weights apply to strategy 'weighted' only")
+        return self
+
+
 class _ModelBase(_Section):
     name: str = Field(min_length=1, description="The model name clients send.")
     aliases: list[str] = Field(default_factory=list, description="Other names clients may send.")
+    internal: bool = Field(False, description="Only for pools, fallbacks and agents: not served by name.")
+    fallbacks: list[str] = Field(default_factory=list, description="Names tried when this model fails.")
+    context_window_fallbacks: list[str] = Field(
+        default_factory=list, description="Names tried when the prompt does not fit this model."
+    )
 
     @property
     def served_names(self) -> list[str]:
@@ -270,6 +323,9 @@ class VLLMModelSettings(_ModelBase):
         64, ge=0, description="Requests allowed to wait for an engine slot before new ones get 429."
     )
     retry_after: int = Field(1, ge=1, description="Seconds suggested in Retry-After when the queue is full.")
+    spill_at_waiting: int | None = Field(
+        None, ge=0, description="In a pool: skip this model while this many requests wait for an engine slot.",
+    )
     tool_call_parser: str | None = Field(
         None, description="vLLM tool-call parser for tool_choice 'auto' (hermes, llama3_json, mistral, ...)."
     )
@@ -441,7 +497,9 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
     responses: ResponsesSettings = Field(default_factory=ResponsesSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
     models: list[ModelSettings] = Field(default_factory=list)
+    pools: list[PoolSettings] = Field(default_factory=list)
     agents: list[AgentSettings] = Field(default_factory=list)
     endpoints: list[EndpointSettings] = Field(default_factory=list)
 
@@ -467,12 +525,23 @@ class Settings(BaseSettings):
                     )
                 seen[served] = f"models[{index}] ({model.name})"
         models = set(seen)
+        for index, pool in enumerate(self.pools):
+            for served in pool.served_names:
+                if served in seen:
+                    raise ValueError(f"pools[{index}]: name {served!r} is already used by {seen[served]}")
+                seen[served] = f"pools[{index}] ({pool.name})"
+            for member in pool.members:
+                if member not in models:
+                    what = "a pool; a pool's members are models" if member in seen else "not a configured model"
+                    raise ValueError(f"pools[{index}].members: {member!r} is {what}")
+        routable = set(seen)
+        self._check_fallbacks(routable)
         for index, agent in enumerate(self.agents):
             for served in agent.served_names:
                 if served in seen:
                     raise ValueError(f"agents[{index}]: name {served!r} is already used by {seen[served]}")
                 seen[served] = f"agents[{index}] ({agent.name})"
-            if agent.model not in models:
+            if agent.model not in routable:
                 what = "an agent; an agent cannot call an agent" if agent.model in seen else "not a served model"
                 raise ValueError(f"agents[{index}].model: {agent.model!r} is {what}")
         routes: set[tuple[str, str]] = set()
@@ -482,6 +551,33 @@ class Settings(BaseSettings):
                 raise ValueError(f"endpoints[{index}]: {endpoint.method} {endpoint.path} is declared twice")
             routes.add(key)
         return self
+
+    def _check_fallbacks(self, routable: set[str]) -> None:
+        """Fallbacks name models or pools, and no chain of members and fallbacks leads back to where it began."""
+        edges: dict[str, list[str]] = {}
+        named: list[tuple[str, str, list[str]]] = []
+        for index, model in enumerate(self.models):
+            named.append((f"models[{index}]", model.name, model.fallbacks + model.context_window_fallbacks))
+        for index, pool in enumerate(self.pools):
+            named.append((f"pools[{index}]", pool.name, pool.fallbacks + pool.context_window_fallbacks))
+            edges.setdefault(pool.name, []).extend(pool.members)
+        canonical = {served: model.name for model in self.models for served in model.served_names}
+        canonical.update({served: pool.name for pool in self.pools for served in pool.served_names})
+        for where, name, targets in named:
+            for target in targets:
+                if target not in routable:
+                    raise ValueError(f"{where}.fallbacks: {target!r} is not a model or pool")
+                edges.setdefault(name, []).append(canonical[target])
+
+        def reaches(start: str, goal: str, seen: set[str]) -> bool:
+            for nxt in edges.get(start, ()):
+                if nxt == goal or (nxt not in seen and reaches(nxt, goal, seen | {nxt})):
+                    return True
+            return False
+
+        for where, name, targets in named:
+            if targets and reaches(name, name, {name}):
+                raise ValueError(f"{where}.fallbacks: {name!r} falls back, through its fallbacks, to itself")
 
     @classmethod
     def settings_customise_sources(

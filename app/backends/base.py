@@ -50,6 +50,12 @@ class CallStats:
     #: the agent appends its steps here instead of writing them into ``reasoning_content``, and a stream yields
     #: an empty batch whenever a step starts or ends, so the caller sees it at once
     tool_steps: list[ToolStep] | None = None
+    #: routing: the configured model that answered, and the upstream attempts it took (None: the backend itself)
+    served_by: str | None = None
+    attempts: int | None = None
+    #: routing controls from the request's headers (X-Helios-No-Fallback, X-Helios-Max-Attempts)
+    no_fallback: bool = False
+    max_attempts: int | None = None
 
 
 class Backend(ABC):
@@ -76,6 +82,12 @@ class Backend(ABC):
     @abstractmethod
     def not_ready_reason(self) -> str | None:
         """None when the backend can serve, else a short reason for /ready."""
+
+    def admits(self, request: ChatCompletionRequest | CompletionRequest) -> str | None:
+        """Why a router should not send it this request now, measured before it starts: ``"queue"`` (no
+        capacity) or ``"context"`` (the prompt does not fit); None to send it. Backends that cannot tell
+        (a remote provider decides for itself) send everything."""
+        return None
 
     @abstractmethod
     async def chat(

@@ -6,27 +6,28 @@ import asyncio
 import logging
 import time
 from functools import partial
+from typing import Any
 
 from app import fatal
 from app.backends.base import Backend
-from app.settings import AgentSettings, ModelSettings
+from app.settings import AgentSettings, ModelSettings, PoolSettings, RoutingSettings
 
 log = logging.getLogger(__name__)
 
 
 def build_backends(settings: ModelSettings) -> list[tuple[Backend, list[str], tuple[str, str, str]]]:
     """The backends one configured model serves: (backend, its served names, its (name, kind, upstream))."""
+    names = [] if settings.internal else settings.served_names
     if settings.backend == "openai":
         from app.backends.remote import RemoteBackend
 
-        return [(RemoteBackend(settings), settings.served_names,
-                 (settings.name, settings.backend, settings.upstream_name))]
+        return [(RemoteBackend(settings), names, (settings.name, settings.backend, settings.upstream_name))]
     from app.backends.vllm import VLLMBackend
     from app.backends.vllm.adapters import LoRAAdapterBackend
 
     base = VLLMBackend(settings)
     built: list[tuple[Backend, list[str], tuple[str, str, str]]] = [
-        (base, settings.served_names, (settings.name, settings.backend, settings.upstream_name))]
+        (base, names, (settings.name, settings.backend, settings.upstream_name))]
     for adapter in settings.lora_adapters:
         built.append((LoRAAdapterBackend(base, adapter.name), [adapter.name],
                       (adapter.name, "vllm-lora", str(adapter.path))))
@@ -47,26 +48,94 @@ def build_agent(settings: AgentSettings, model: Backend) -> Backend:
     return AgentBackend(settings, model, sources)
 
 
+def _routed(models: list[ModelSettings], pools: list[PoolSettings]) -> set[str]:
+    """Models a router calls: the ``openai`` client's own retries are turned off for them, so that the
+    router's attempts do not multiply with the client's."""
+    routed = {member for pool in pools for member in pool.members}
+    for model in models:
+        if model.fallbacks or model.context_window_fallbacks:
+            routed.add(model.name)
+    return routed
+
+
 class Registry:
-    def __init__(self, models: list[ModelSettings], agents: list[AgentSettings] | None = None) -> None:
+    def __init__(self, models: list[ModelSettings], agents: list[AgentSettings] | None = None,
+                 pools: list[PoolSettings] | None = None, routing: RoutingSettings | None = None) -> None:
         self.created = int(time.time())
         self.backends: list[Backend] = []
         self._described: list[tuple[str, str, str]] = []
         self._starting: set[asyncio.Task[None]] = set()
         self._by_name: dict[str, Backend] = {}
-        for model in models:
+        pools = pools or []
+        routing = routing or RoutingSettings()
+        routed = _routed(models, pools)
+        #: every model and pool by every name, internal ones included: what routers and agents call
+        everything: dict[str, Backend] = {}
+        for configured in models:
+            model = configured
+            if model.name in routed and model.backend == "openai" and model.max_retries:
+                model = model.model_copy(update={"max_retries": 0})
             for backend, names, described in build_backends(model):
                 self.backends.append(backend)
                 self._described.append(described)
                 for served in names:
                     self._by_name[served] = backend
-        # Agents after models: each calls one served model (the settings reject agents calling agents).
+                everything[backend.name] = backend
+            for served in model.served_names:
+                everything[served] = everything[model.name]
+        self._routers(models, pools, routing, everything)
+        # Agents last: each calls one model or pool (the settings reject agents calling agents).
         for agent in agents or ():
-            backend = build_agent(agent, self._by_name[agent.model])
+            backend = build_agent(agent, everything[agent.model])
             self.backends.append(backend)
             self._described.append((agent.name, "agent", agent.model))
             for served in agent.served_names:
                 self._by_name[served] = backend
+
+    def _routers(self, models: list[ModelSettings], pools: list[PoolSettings], routing: RoutingSettings,
+                 everything: dict[str, Backend]) -> None:
+        """Pools, and models with fallbacks (served through a router of their own). Fallbacks may name pools
+        and routed models, so routers are made in an order where each one's fallbacks exist already (the
+        settings reject cycles)."""
+        from app.routing.pool import RouterBackend
+
+        pending: list[tuple[str, list[str], list[str], list[str], Any]] = []
+        for pool in pools:
+            pending.append((pool.name, pool.served_names, pool.members, pool.fallbacks + pool.context_window_fallbacks,
+                            pool))
+        for model in models:
+            if model.fallbacks or model.context_window_fallbacks:
+                pending.append((model.name, [] if model.internal else model.served_names, [model.name],
+                                model.fallbacks + model.context_window_fallbacks, model))
+        routers: dict[str, Backend] = {}
+        while pending:
+            ready = [p for p in pending if all(self._canonical(t, pools, models) not in
+                                               {q[0] for q in pending} for t in p[3])]
+            if not ready:
+                raise ValueError("routers' fallbacks form a cycle: " + ", ".join(p[0] for p in pending))
+            for name, served, members, _, source in ready:
+                lookup = {**everything, **routers}
+                router = RouterBackend(
+                    name, [(m, everything[m]) for m in members],
+                    [(f, lookup[f]) for f in source.fallbacks],
+                    [(f, lookup[f]) for f in source.context_window_fallbacks], routing,
+                    strategy=getattr(source, "strategy", "priority"), weights=getattr(source, "weights", None))
+                self.backends.append(router)
+                if isinstance(source, PoolSettings):
+                    self._described.append((name, "pool", ",".join(members)))
+                for alias in ([source.name, *source.aliases]):
+                    routers[alias] = router
+                for alias in served:
+                    self._by_name[alias] = router
+            pending = [p for p in pending if p not in ready]
+        everything.update(routers)
+
+    @staticmethod
+    def _canonical(name: str, pools: list[PoolSettings], models: list[ModelSettings]) -> str:
+        for source in [*pools, *models]:
+            if name in source.served_names:
+                return source.name
+        return name
 
     def find(self, name: str) -> Backend | None:
         """The backend serving ``name`` (a model name or alias), if any."""

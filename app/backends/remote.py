@@ -110,6 +110,11 @@ class RemoteBackend(Backend):
 
     # ---- plumbing --------------------------------------------------------------------------------
 
+    def _encoded(self, served_as: str) -> bytes:
+        # A router serves this model under its own name (a pool's), which is not one of the model's.
+        encoded = self._encoded_names.get(served_as)
+        return encoded if encoded is not None else encode_string(served_as)
+
     def _upstream_body(self, body: bytes, client_model: str) -> bytes:
         if client_model == self.settings.upstream_name:
             return body
@@ -136,7 +141,7 @@ class RemoteBackend(Backend):
         for choice in data.get("choices") or ():
             if isinstance(choice, dict) and choice.get("finish_reason"):
                 stats.finish_reasons.append(choice["finish_reason"])
-        return replace_model(content, self._encoded_names[served_as])
+        return replace_model(content, self._encoded(served_as))
 
     async def _stream(
         self,
@@ -156,7 +161,7 @@ class RemoteBackend(Backend):
                 payload = prepend_field(payload, "stream_options", _INCLUDE_USAGE)
         response = await self._send(path, payload, stats, stream=True)
         await self._expect_events(response, stats)
-        return self._relay(response, self._encoded_names[served_as],
+        return self._relay(response, self._encoded(served_as),
                            wants_usage, stats)
 
     async def _expect_events(self, response: httpx2.Response, stats: CallStats) -> None:

@@ -12,7 +12,7 @@ from quart import Response, g, request
 
 from app import metrics
 from app.backends.base import Backend, ChunkStream
-from app.errors import from_validation_error, model_not_found, not_ready
+from app.errors import from_validation_error, invalid_request, model_not_found, not_ready
 from app.exchange import Exchange
 from app.state import app_state
 from app.streaming import CHAT_FRAMING, Framing, sse_response
@@ -20,6 +20,8 @@ from app.streaming import CHAT_FRAMING, Framing, sse_response
 _Request = TypeVar("_Request", bound=BaseModel)
 _Result = TypeVar("_Result")
 _JSON = "application/json"
+_NO_FALLBACK = "X-Helios-No-Fallback"
+_MAX_ATTEMPTS = "X-Helios-Max-Attempts"
 
 
 async def read_body(model: type[_Request]) -> tuple[_Request, bytes]:
@@ -39,6 +41,15 @@ def find_backend(model: str) -> Backend:
         exchange.model = metrics.UNKNOWN_MODEL
         raise model_not_found(model)
     exchange.serving(backend.name)
+    headers = request.headers
+    if _NO_FALLBACK in headers:
+        exchange.stats.no_fallback = headers[_NO_FALLBACK].strip().lower() in ("1", "true", "yes")
+    if _MAX_ATTEMPTS in headers:
+        value = headers[_MAX_ATTEMPTS].strip()
+        if not value.isdigit() or not 1 <= int(value) <= 100:
+            raise invalid_request(f"Invalid value for header '{_MAX_ATTEMPTS}': expected an integer from 1 to "
+                                  "100 (the configured routing.max_attempts bounds it).", _MAX_ATTEMPTS)
+        exchange.stats.max_attempts = int(value)
     reason = backend.not_ready_reason()
     if reason is not None:
         raise not_ready(f"Model '{model}' is not ready: {reason}.")

@@ -29,6 +29,9 @@ class LoRAAdapterBackend(Backend):
         reason = self.base.not_ready_reason()
         return f"base model '{self.base.name}': {reason}" if reason else None
 
+    def admits(self, request: ChatCompletionRequest | CompletionRequest) -> str | None:
+        return self.base.admits(request)
+
     async def chat(self, request: ChatCompletionRequest, body: bytes, served_as: str, stats: CallStats) -> bytes:
         return await self.base.chat_with(request, served_as, stats, self.base.loras[self.name])
 

@@ -19,7 +19,7 @@ from app.backends.vllm.params import sampling_kwargs, structured_output
 from app.backends.vllm.parsing import ModelParsing, Parsed, RequestParsing, check_parser_names
 from app.backends.vllm.pooling import Embedder
 from app.backends.vllm.prompts import Prompts
-from app.errors import invalid_request, not_ready
+from app.errors import APIError, invalid_request, not_ready
 from app.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -49,6 +49,10 @@ class VLLMBackend(Backend):
         self._engine: Any = None
         self._vllm: VLLMNames | None = None
         self._admission = Admission(settings.name, settings.retry_after)
+        #: sequences the engine runs at once; admitted requests beyond it wait
+        self._running_slots = 0
+        #: the last request admits() measured, and its prompt ids
+        self._measured: tuple[ChatCompletionRequest, list[int]] | None = None
         self._max_logprobs = 0
         self._state = "loading"
         #: adapter name -> vLLM LoRARequest, for the adapters served under their own names
@@ -72,8 +76,8 @@ class VLLMBackend(Backend):
         self._prompts = Prompts(tokenizer, self.settings.chat_template_text(), int(config.max_model_len))
         self._outputs = Outputs(self.name, tokenizer, vllm.__version__)
         self._max_logprobs = int(config.max_logprobs)
-        self._admission.capacity = int(engine.vllm_config.scheduler_config.max_num_seqs) + \
-            self.settings.max_queue_depth
+        self._running_slots = int(engine.vllm_config.scheduler_config.max_num_seqs)
+        self._admission.capacity = self._running_slots + self.settings.max_queue_depth
         if self.pooling:
             self._embedder = Embedder(engine, vllm, self._prompts, self._outputs)
         else:
@@ -164,6 +168,27 @@ class VLLMBackend(Backend):
             return "engine is loading" if self._state == "loading" else "engine is stopped"
         if self._engine.errored:
             return "engine has died"
+        return None
+
+    def admits(self, request: ChatCompletionRequest | CompletionRequest) -> str | None:
+        if self._state != "ready" or self.pooling:
+            return None
+        admission = self._admission
+        if admission.active >= admission.capacity:
+            return "queue"
+        spill = self.settings.spill_at_waiting
+        if spill is not None and admission.active - self._running_slots >= spill:
+            return "queue"
+        try:
+            if isinstance(request, ChatCompletionRequest):
+                # Measured exactly, with the template and tools the call would use, and kept for that call
+                # (the router calls this backend next when it admits).
+                prompt_ids, _, _, _ = self._prepare_chat(request, final_only=False)
+                self._measured = (request, prompt_ids)
+            else:
+                self._prompts.completion(request)
+        except APIError as exc:
+            return "context" if exc.code == "context_length_exceeded" else None
         return None
 
     # ---- the Backend interface: the base model itself ----------------------------------------------
@@ -282,8 +307,12 @@ class VLLMBackend(Backend):
         self, request: ChatCompletionRequest, *, final_only: bool
     ) -> tuple[list[int], Any, RequestParsing | None, dict[str, Any]]:
         """Prompt ids, sampling parameters, output parsing and extra ``generate`` arguments of a chat."""
+        measured, self._measured = self._measured, None
         plan = self._parsing.plan(request)
-        prompt_ids = self._prompts.chat(request, with_tools=plan is not None and plan.tools_in_play)
+        if measured is not None and measured[0] is request:
+            prompt_ids = measured[1]
+        else:
+            prompt_ids = self._prompts.chat(request, with_tools=plan is not None and plan.tools_in_play)
         kwargs = sampling_kwargs(request, self._max_logprobs)
         budget_param = "max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens"
         self._prompts.check_budget(len(prompt_ids), kwargs["max_tokens"], budget_param)
