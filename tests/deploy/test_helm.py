@@ -42,6 +42,7 @@ ALERTS = {
     "HeliosEngineQueueGrowing",
     "HeliosScrapeMissing",
     "HeliosAgentToolErrorRatio",
+    "HeliosPoolMemberFlapping",
 }
 # The compose stack's rules, which the chart's PrometheusRule carries per release (test_rules_mirror_compose_alerts).
 COMPOSE_ALERTS = ROOT / "config" / "prometheus" / "alerts.yml"
@@ -326,8 +327,8 @@ def test_prometheus_rules_pass_promtool(overrides: list[str], tmp_path: Path) ->
         [promtool, "check", "rules", str(path)], capture_output=True, text=True, timeout=30, check=False
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    # The six alerts of the chart and one from additionalRules.
-    assert "SUCCESS: 7 rules found" in proc.stdout, proc.stdout
+    # The chart's alerts and one from additionalRules.
+    assert f"SUCCESS: {len(ALERTS) + 1} rules found" in proc.stdout, proc.stdout
 
 
 # ---------------------------------------------------------------------------------------------- default values
@@ -922,7 +923,8 @@ def test_rules_mirror_compose_alerts() -> None:
     """The chart's PrometheusRule carries the alerts of the compose stack's alerts.yml, with its defaults.
 
     The chart's rules add the release's selector and namespace/job labels, and take their thresholds from
-    values: what must match is the set of alerts, their severity, their duration and their threshold.
+    values: what must match is the set of alerts, their severity, their duration, their threshold and the
+    windows they look back over.
     """
     compose = {
         rule["alert"]: rule
@@ -941,8 +943,11 @@ def test_rules_mirror_compose_alerts() -> None:
             assert chart[name]["for"] == rule["for"], name
     # The thresholds are the last number of each comparison: the same numbers, in the same order.
     number = r"(?:>=?|==)\s*([0-9.]+)"
+    # And the range windows, in the same order.
+    window = r"\[([0-9]+(?:ms|s|m|h|d|w|y))\]"
     for name, rule in compose.items():
         assert re.findall(number, chart[name]["expr"]) == re.findall(number, rule["expr"]), name
+        assert re.findall(window, chart[name]["expr"]) == re.findall(window, rule["expr"]), name
 
 
 def test_pdb_only_with_several_replicas() -> None:

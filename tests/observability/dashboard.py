@@ -15,6 +15,7 @@ from tests.support.server import REPO_ROOT
 __all__ = [
     "ALERTS",
     "ALERTS_TEST",
+    "ALL_POOLS",
     "DASHBOARD",
     "DASHBOARD_PROVIDER",
     "DATASOURCES",
@@ -44,6 +45,12 @@ def _variable(name: str) -> re.Pattern[str]:
 
 _MODEL_VARIABLE = _variable("model")
 _AGENT_VARIABLE = _variable("agent")
+_POOL_VARIABLE = _variable("pool")
+# label_replace's references to its regex's groups ($1, ${1}): PromQL's, not Grafana variables (Grafana leaves a
+# $name it has no variable for as it is).
+_CAPTURE_REFERENCE = re.compile(r"\$(?:\d+|\{\d+\})")
+#: $pool in :func:`substitute` unless told otherwise: every pool (Grafana sends the listed pools for "All").
+ALL_POOLS = ".*"
 
 
 @dataclass(frozen=True)
@@ -116,14 +123,17 @@ def panel_queries(dashboard: dict[str, Any]) -> list[PanelQuery]:
     ]
 
 
-def substitute(expr: str, model: str, rate_interval: str = "30s", *, agent: str | None = None) -> str:
-    """The query as Grafana would send it: the model (and agent) variables and the interval macros replaced."""
+def substitute(
+    expr: str, model: str, rate_interval: str = "30s", *, agent: str | None = None, pool: str = ALL_POOLS
+) -> str:
+    """The query as Grafana would send it: the model (agent, pool) variables and the interval macros replaced."""
     # A function, not a template: backslashes in the value (escaped regex) must stay as they are.
     expr = _MODEL_VARIABLE.sub(lambda _: model, expr)
     if agent is not None:
         expr = _AGENT_VARIABLE.sub(lambda _: agent, expr)
+    expr = _POOL_VARIABLE.sub(lambda _: pool, expr)
     for macro, value in (("$__rate_interval", rate_interval), ("$__interval", "15s"), ("$__range", "1h")):
         expr = expr.replace(macro, value)
-    if "$" in expr:
+    if "$" in _CAPTURE_REFERENCE.sub("", expr):
         raise ValueError(f"unsubstituted variable left in {expr!r}")
     return expr

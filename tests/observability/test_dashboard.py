@@ -18,7 +18,7 @@ from tests.observability.dashboard import (
 )
 
 # helios_ metrics without a model label (app/metrics.py); every other one must be filtered by $model
-# (or, on the Agents row, by $agent).
+# (or, on the Agents row, by $agent; on the Routing row, by $pool).
 NO_MODEL_LABEL = {"helios_overhead_seconds", "helios_build_info"}
 # helios_ metrics labelled agent (the agent's name) instead of model (app/metrics.py).
 AGENT_LABEL = {
@@ -27,8 +27,21 @@ AGENT_LABEL = {
     "helios_agent_tool_duration_seconds",
     "helios_agent_step_limit_reached_total",
 }
-# The row whose panels are filtered by $agent; every other row's are filtered by $model.
+# The row whose panels are filtered by $agent; every other row's are filtered by $model (but Routing's).
 AGENTS_ROW = "Agents"
+# helios_ metrics of routing (app/metrics.py), with the label naming the pool (or name with fallbacks): only on
+# the Routing row, filtered by $pool.
+POOL_LABEL = {
+    "helios_pool_attempts_total": "pool",
+    "helios_pool_member_state": "pool",
+    "helios_pool_cooldowns_total": "pool",
+    "helios_spillovers_total": "pool",
+    "helios_fallbacks_total": "from",
+}
+# The row whose panels are filtered by $pool.
+ROUTING_ROW = "Routing"
+# helios_pool_member_state's values (app/routing/health.py).
+MEMBER_STATES = {"0": "healthy", "1": "cooling down", "2": "probing"}
 # A metric name and its optional selector; ":" so recording-rule style names like vllm:x match too.
 _SELECTOR = re.compile(r"\b((?:helios_|vllm:)[a-zA-Z0-9_:]*)(\{[^}]*\})?")
 _RANGE = re.compile(r"\[([^\]]*)\]")
@@ -109,6 +122,20 @@ def test_agent_variable(dashboard: dict[str, Any], datasource_uid: str) -> None:
     assert agent["datasource"]["uid"] == datasource_uid
 
 
+def test_pool_variable(dashboard: dict[str, Any], datasource_uid: str) -> None:
+    """$pool lists the pools (and names with fallbacks) that made attempts; "All" sends that list, like $agent."""
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    pool = variables["pool"]
+    assert pool["type"] == "query"
+    query = pool["query"]["query"] if isinstance(pool["query"], dict) else pool["query"]
+    assert query == "label_values(helios_pool_attempts_total, pool)"
+    assert pool["multi"] is True
+    assert pool["includeAll"] is True
+    # The attempts per request divide by helios_requests_total{model=~"$pool"}: the pools' requests only.
+    assert not pool.get("allValue"), 'allValue ".*" would make model=~"$pool" match every model'
+    assert pool["datasource"]["uid"] == datasource_uid
+
+
 def test_panels_listed_in_layout_order_without_overlap(dashboard: dict[str, Any]) -> None:
     """The list order is the layout order (so a panel belongs to the row listed before it), rows span the
     width, and no two panels cover the same cell."""
@@ -133,7 +160,7 @@ def test_panel_ids_unique_and_laid_out(dashboard: dict[str, Any]) -> None:
     ids = [panel["id"] for panel in panels]
     assert len(ids) == len(set(ids))
     for panel in panels:
-        assert panel["type"] in {"timeseries", "stat"}, panel["title"]
+        assert panel["type"] in {"timeseries", "stat", "state-timeline"}, panel["title"]
         grid = panel["gridPos"]
         assert grid["x"] + grid["w"] <= 24, panel["title"]
 
@@ -158,10 +185,21 @@ def test_queries_filter_by_model_or_agent(query: Any) -> None:
 
     Outside the Agents row, helios_ series carrying a model label use model=~"$model" and vLLM's use
     model_name=~"$model". On it, agent series use agent=~"$agent" and model-labelled ones model=~"$agent"
-    (agent requests are counted under the agent's name; test_agent_variable keeps "All" to the agents).
+    (agent requests are counted under the agent's name; test_agent_variable keeps "All" to the agents). On the
+    Routing row, routing series use their pool label (fallbacks: from) =~"$pool" and requests model=~"$pool" (a
+    pool's requests are counted under its name).
     """
     found = _SELECTOR.findall(query.expr)
     assert found, "no helios_ or vllm: metric in the query"
+    if query.row == ROUTING_ROW:
+        assert "$model" not in query.expr and "$agent" not in query.expr, f"the {ROUTING_ROW} row is filtered by $pool"
+        for metric, selector in found:
+            name = _base_name(metric)
+            assert name in POOL_LABEL or name == "helios_requests_total", f"{metric}: no pool to filter by"
+            label = POOL_LABEL.get(name, "model")
+            assert f'{label}=~"$pool"' in selector, f"{metric} not filtered by {label}=~\"$pool\""
+        return
+    assert "$pool" not in query.expr, f"only the {ROUTING_ROW} row is filtered by $pool"
     if query.row == AGENTS_ROW:
         assert "$model" not in query.expr, f"the {AGENTS_ROW} row is filtered by $agent"
         for metric, selector in found:
@@ -174,6 +212,7 @@ def test_queries_filter_by_model_or_agent(query: Any) -> None:
     for metric, selector in found:
         name = _base_name(metric)
         assert name not in AGENT_LABEL, f"{metric} belongs on the {AGENTS_ROW} row, filtered by $agent"
+        assert name not in POOL_LABEL, f"{metric} belongs on the {ROUTING_ROW} row, filtered by $pool"
         if name in NO_MODEL_LABEL:
             assert "$model" not in selector, f"{metric} has no model label"
             continue
@@ -208,6 +247,7 @@ def test_required_panels_present(dashboard: dict[str, Any]) -> None:
         "vllm:num_requests_waiting",
         "vllm:kv_cache_usage_perc",
         *AGENT_LABEL,
+        *POOL_LABEL,
     }
     for quantile in ("0.5", "0.95", "0.99"):
         for family in ("request_duration_seconds", "time_to_first_token_seconds", "inter_token_latency_seconds",
@@ -231,3 +271,33 @@ def test_agents_row(dashboard: dict[str, Any]) -> None:
     # The tool error ratio: calls with any outcome but ok, over all calls, per agent and tool.
     assert any('outcome!="ok"' in query.expr and "sum by (agent, tool)" in query.expr and " / " in query.expr
                for query in queries)
+
+
+def test_routing_row(dashboard: dict[str, Any]) -> None:
+    """The Routing row charts attempts by outcome, attempts per request, fallbacks, member state, cool-downs and
+    spill-overs."""
+    queries = [query for query in panel_queries(dashboard) if query.row == ROUTING_ROW]
+    used = {_base_name(metric) for query in queries for metric, _ in _SELECTOR.findall(query.expr)}
+    assert used == {"helios_requests_total", *POOL_LABEL}
+    exprs = [query.expr for query in queries]
+    assert any("sum by (pool, outcome) (rate(helios_pool_attempts_total" in expr for expr in exprs)
+    # Attempts per request: the pool's attempts over the requests counted under its name (model label), joined
+    # on the pool name.
+    (per_request,) = [expr for expr in exprs if "helios_requests_total" in expr]
+    attempts, requests = per_request.split(" / on (pool) ")
+    assert attempts.startswith("sum by (pool) (rate(helios_pool_attempts_total{")
+    assert requests.startswith("label_replace(sum by (model) (rate(helios_requests_total{")
+    assert requests.endswith('"pool", "$1", "model", "(.*)")')
+    assert any("sum by (from, to, error_class) (rate(helios_fallbacks_total" in expr for expr in exprs)
+    assert any("sum by (pool, member) (rate(helios_pool_cooldowns_total" in expr for expr in exprs)
+    assert any("sum by (pool, reason) (rate(helios_spillovers_total" in expr for expr in exprs)
+
+
+def test_member_state_panel_names_the_states(dashboard: dict[str, Any]) -> None:
+    """The member state panel maps 0/1/2 to healthy, cooling down and probing."""
+    (panel,) = [panel for panel in data_panels(dashboard)
+                if any("helios_pool_member_state" in target["expr"] for target in panel["targets"])]
+    assert panel["type"] in {"state-timeline", "stat"}
+    (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
+    assert mapping["type"] == "value"
+    assert {value: option["text"] for value, option in mapping["options"].items()} == MEMBER_STATES

@@ -42,8 +42,14 @@ _VLLM_PROBLEM = re.compile(r"^vllm:")
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 ALL_QUERIES = panel_queries(load_dashboard())
-HELIOS_QUERIES = [query for query in ALL_QUERIES if not query.needs_vllm]
-VLLM_QUERIES = [query for query in ALL_QUERIES if query.needs_vllm]
+# Spill-overs come only from an embedded member, so those panels are checked with the engine.
+_SPILL = "helios_spillovers"
+HELIOS_QUERIES = [query for query in ALL_QUERIES if not query.needs_vllm and _SPILL not in query.expr]
+VLLM_QUERIES = [query for query in ALL_QUERIES if query.needs_vllm or _SPILL in query.expr]
+# Routing: a pool whose first member always fails (so it cools down at once), and a rate-limited model that
+# falls back to a healthy one.
+POOLS = [{"name": "pool-chat", "members": ["flaky", "gpt-test"]}]
+ROUTING = {"allowed_fails": 1, "cooldown": 0.5}
 
 # Agents over the scripted model ("scripted", below): "helper" runs whole scripts, "short" is allowed one round
 # of tool calls, so a two-round script hits its step limit.
@@ -61,6 +67,8 @@ def _remote_models(provider: FakeProvider) -> list[dict[str, Any]]:
         remote_model(provider, "gpt-slow", "slow-chunks-20"),
         # One retry, so a failed request shows up in the retry and upstream error counters.
         remote_model(provider, "gpt-broken", "error-500", max_retries=1),
+        remote_model(provider, "flaky", "error-503", internal=True),
+        remote_model(provider, "gpt-limited", "error-429", fallbacks=["gpt-test"]),
         # The agents' model: it answers with the tool calls the user message scripts.
         remote_model(provider, "scripted", "tool-script"),
     ]
@@ -68,7 +76,7 @@ def _remote_models(provider: FakeProvider) -> list[dict[str, Any]]:
 
 def _appliance(provider: FakeProvider) -> dict[str, Any]:
     """The remote models and the agents over them."""
-    return {"models": _remote_models(provider), "agents": AGENTS}
+    return {"models": _remote_models(provider), "agents": AGENTS, "pools": POOLS, "routing": ROUTING}
 
 
 def _model_names(config: dict[str, Any]) -> list[str]:
@@ -113,12 +121,21 @@ def _agent_round(oa: openai.OpenAI) -> None:
         pass
 
 
+def _routing_round(oa: openai.OpenAI) -> None:
+    """Requests through the pool (its failing member cools down, then is probed again) and a fallback."""
+    for _ in range(3):
+        oa.chat.completions.create(model="pool-chat", messages=USER)
+        time.sleep(0.3)
+    oa.chat.completions.create(model="gpt-limited", messages=USER)
+
+
 def _remote_traffic(gateway: HeliosProcess) -> None:
-    """One round of bounded traffic over every remote model and agent."""
+    """One round of bounded traffic over every remote model, pool and agent."""
     oa = client(gateway.base_url)
     _chat_round(oa, "gpt-test", errors=True)
     _chat_round(oa, "gpt-stream", errors=False)
     _agent_round(oa)
+    _routing_round(oa)
 
 
 def _hold_slow_stream(gateway: HeliosProcess, chunks: int) -> threading.Thread:
@@ -228,7 +245,7 @@ def test_every_helios_panel_has_data(
 
         # The model variable's own query lists exactly the configured models and agents...
         listed = {sample["metric"]["model"] for sample in prometheus.query("helios_model_info")}
-        assert listed == set(_model_names(config) + AGENT_NAMES)
+        assert listed == set(_model_names(config) + AGENT_NAMES + [pool["name"] for pool in POOLS])
         # ...the agent variable's the agents, under the names their own series are labelled with.
         agents = {sample["metric"]["model"] for sample in prometheus.query('helios_model_info{backend="agent"}')}
         assert agents == set(AGENT_NAMES)
@@ -336,7 +353,9 @@ def test_every_vllm_panel_has_data(
         "max_model_len": 512,
         "kv_cache_memory_bytes": 64 * 2**20,
     }
-    config = {"models": [tiny, *_remote_models(fake_provider)], "agents": AGENTS}
+    # A pool over the engine and a provider: a prompt longer than the engine's context spills to the provider.
+    config = {"models": [tiny, *_remote_models(fake_provider)], "agents": AGENTS,
+              "pools": [*POOLS, {"name": "pool-local", "members": ["tiny", "gpt-test"]}], "routing": ROUTING}
     gateway = helios(config, env=engine_env(tmp_path))
     gateway.wait_healthy("/ready", timeout=150)
     with PrometheusServer([_target(gateway)]) as prometheus:
@@ -344,6 +363,9 @@ def test_every_vllm_panel_has_data(
         def traffic() -> None:
             oa = client(gateway.base_url)
             _chat_round(oa, "tiny", errors=False)
+            long_prompt = [{"role": "user", "content": "word " * 600}]
+            spilled = oa.chat.completions.with_raw_response.create(model="pool-local", messages=long_prompt)
+            assert spilled.headers["X-Helios-Served-By"] == "gpt-test"
             _remote_traffic(gateway)
 
         _run_in_phases(prometheus, traffic)

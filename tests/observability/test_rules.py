@@ -20,6 +20,7 @@ EXPECTED_ALERTS = {
     "HeliosEngineQueueGrowing",
     "HeliosScrapeMissing",
     "HeliosAgentToolErrorRatio",
+    "HeliosPoolMemberFlapping",
 }
 # Where compose mounts ./config/prometheus.
 COMPOSE_DIR = "/etc/prometheus"
@@ -75,7 +76,7 @@ def test_promtool_rule_unit_tests(prometheus_tools: PrometheusTools) -> None:
     assert "SUCCESS" in result.stdout
 
 
-def test_alerts_are_the_expected_six() -> None:
+def test_alerts_are_the_expected_ones() -> None:
     rules = _alert_rules()
     assert {rule["alert"] for rule in rules} == EXPECTED_ALERTS
     assert len(rules) == len(EXPECTED_ALERTS), "an alert name is used twice"
