@@ -7,7 +7,7 @@ DEMO_MODEL ?= models/helios-demo-tiny
 # The embedded engine's build: the official GPU one where an NVIDIA GPU is present, else the CPU one.
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
 
-.PHONY: install install-engine demo-model run test test-images lint format bench bench-quick bench-agents bench-vllm clean
+.PHONY: install install-engine demo-model run test test-images lint format bench bench-quick bench-agents bench-responses bench-vllm clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,19 +45,27 @@ test-images: install-engine
 	$(PY) -m pytest -m images tests/deploy
 
 # Gateway benchmarks against the direct path and LiteLLM's proxy (installed into bench/.venv-litellm);
-# BENCH_ARGS=--profile adds py-spy profiles. Then the agent scenario. Results: bench/results/.
+# BENCH_ARGS=--profile adds py-spy profiles. Then the agent scenario and /v1/responses against chat.
+# Results: bench/results/.
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.agents
+	$(PY) -m bench.responses
 
 bench-quick: install
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
 	$(PY) -m bench.agents --quick
+	$(PY) -m bench.responses --quick
 
 # An agent's two-step tool loop against the same model calls made straight to the provider imitation;
 # BENCH_ARGS=--quick for a short run.
 bench-agents: install
 	$(PY) -m bench.agents $(BENCH_ARGS)
+
+# /v1/responses (translated onto chat, store false and true) against /v1/chat/completions through one worker:
+# added time per request, streaming, relay rate; BENCH_ARGS=--quick for a short run, --profile for py-spy.
+bench-responses: install
+	$(PY) -m bench.responses $(BENCH_ARGS)
 
 # The embedded engine against vLLM's own OpenAI server, same model and engine arguments.
 bench-vllm: install-engine

@@ -11,11 +11,14 @@ import json
 import re
 from typing import Any
 
+_encode_basestring = json.encoder.encode_basestring
 _MODEL_KEY = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 
 
 def encode_string(value: str) -> bytes:
-    return json.dumps(value, ensure_ascii=False).encode()
+    # The encoder json.dumps(ensure_ascii=False) ends up calling, without its per-call set-up: this runs for
+    # every streamed token of a Responses stream.
+    return _encode_basestring(value).encode()
 
 
 def _outer_object_start(doc: bytes) -> int:

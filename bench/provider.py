@@ -16,7 +16,7 @@ Raw asyncio protocol on uvloop, HTTP/1.1 with keep-alive. Serves:
 With no delay a whole response is built once per (kind, model, length, usage, round) and cached, so one
 request costs a header parse, a small ``json.loads`` and one ``transport.write``.
 
-    python -m bench.provider --port 9100 [--tokens 16] [--delay 0.0]
+    python -m bench.provider --port 9100 [--tokens 16] [--delay 0.0] [--max-tokens 8192]
 """
 
 from __future__ import annotations
@@ -158,9 +158,10 @@ _BAD_REQUEST = _json_response("400 Bad Request", _dumps(
 class Provider:
     """Settings and the response cache shared by all connections."""
 
-    def __init__(self, tokens: int, delay: float) -> None:
+    def __init__(self, tokens: int, delay: float, max_tokens: int = _MAX_TOKENS) -> None:
         self.tokens = tokens
         self.delay = delay
+        self.max_tokens = max_tokens
         self._cache: dict[tuple[Any, ...], bytes] = {}
         self.requests = 0
 
@@ -269,7 +270,7 @@ class Connection(asyncio.Protocol):
                 request = json.loads(body)
                 model = str(request.get("model") or "gpt-4o")
                 tokens = request.get("max_completion_tokens") or request.get("max_tokens") or provider.tokens
-                tokens = max(1, min(int(tokens), _MAX_TOKENS))
+                tokens = max(1, min(int(tokens), provider.max_tokens))
             except (ValueError, TypeError, AttributeError):
                 transport.write(_BAD_REQUEST)
                 transport.close()
@@ -336,8 +337,9 @@ class Connection(asyncio.Protocol):
         self._process()
 
 
-async def serve(host: str, port: int, tokens: int, delay: float, ready: asyncio.Event | None = None) -> None:
-    provider = Provider(tokens, delay)
+async def serve(host: str, port: int, tokens: int, delay: float, ready: asyncio.Event | None = None,
+                max_tokens: int = _MAX_TOKENS) -> None:
+    provider = Provider(tokens, delay, max_tokens)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(lambda: Connection(provider), host, port, backlog=1024, reuse_address=True)
     stop = asyncio.Event()
@@ -355,6 +357,8 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--tokens", type=int, default=16, help="completion tokens (chunks when streaming)")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds between streamed chunks")
+    parser.add_argument("--max-tokens", type=int, default=_MAX_TOKENS,
+                        help="the most completion tokens a request may ask for (larger asks are cut to it)")
     args = parser.parse_args()
     try:
         import uvloop
@@ -362,7 +366,7 @@ def main() -> None:
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover - uvloop is a dependency of the gateway's venv
         runner = asyncio.run
-    runner(serve(args.host, args.port, args.tokens, args.delay))
+    runner(serve(args.host, args.port, args.tokens, args.delay, max_tokens=args.max_tokens))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,10 @@ would refuse the request before starting it (an embedded engine without capacity
 context: spill-over), and tries each until one answers. A failure of a fail-over class moves on at once; when
 every member has been tried, a retry round follows after a back-off (full jitter, or the soonest member's
 Retry-After when every member is cooling), unless there are fallbacks: those are tried in order as soon as
-every member has failed (or the attempt budget is spent). The client's own mistakes (400, 401, 404, 413) are answered at once. A stream counts as
-answered at its first chunk: a failure before it (or no chunk within ``first_chunk_timeout``) is invisible to
-the client and tried elsewhere; after it, the stream ends with its error event as any stream does.
+every member has failed (or the attempt budget is spent). The client's own mistakes (400, 401, 404, 413) are
+answered at once. A stream counts as answered at its first chunk: a failure before it (or no chunk within
+``first_chunk_timeout``) is invisible to the client and tried elsewhere; after it, the stream ends with its
+error event as any stream does.
 """
 
 from __future__ import annotations
