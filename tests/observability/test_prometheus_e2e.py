@@ -338,7 +338,7 @@ def _evaluated_since(rule: dict[str, Any], since: float) -> bool:
 
 
 # Engine start-up on CPU dominates this test; the queries themselves take a second.
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(360)
 def test_every_vllm_panel_has_data(
     prometheus_tools: PrometheusTools, fake_provider: FakeProvider, helios: HeliosFactory, demo_model_dir: Path,
     tmp_path: Path,
