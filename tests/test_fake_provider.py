@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import struct
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx2
@@ -20,6 +23,7 @@ from tests.support.fake_provider import (
     MODEL_SUFFIX,
     RETRY_AFTER_SECONDS,
     FakeProvider,
+    Fault,
     embedding_vector,
 )
 from tests.support.openapi import COMPLETION_STREAM_SCHEMA, validate
@@ -40,9 +44,10 @@ TOOLS: list[Any] = [
 
 
 @pytest.fixture
-def fake(fake_provider: FakeProvider) -> FakeProvider:
+def fake(fake_provider: FakeProvider) -> Iterator[FakeProvider]:
     fake_provider.reset()
-    return fake_provider
+    yield fake_provider
+    fake_provider.clear_faults()  # the provider is the session's: leave no fault to other tests
 
 
 @pytest.fixture
@@ -822,3 +827,388 @@ async def test_async_client_stream(fake: FakeProvider) -> None:
         events = await client.chat.completions.create(model="chunks-5", messages=USER, stream=True)
         parts = [chunk.choices[0].delta.content or "" async for chunk in events if chunk.choices]
     assert "".join(parts) == "w1 w2 w3 w4 w5"
+
+
+# -- runtime faults ---------------------------------------------------------------------------
+
+NESTED_OVERLOADED = {"message": "The model is overloaded.", "type": "server_error", "param": None, "code": "overloaded"}
+
+
+def ok(client: openai.OpenAI, model: str = "m") -> bool:
+    """Whether a chat request succeeds (False for any API error)."""
+    try:
+        client.chat.completions.create(model=model, messages=USER)
+    except openai.APIError:
+        return False
+    return True
+
+
+def sse_data(client: openai.OpenAI, kind: str = "chat", **params: Any) -> list[str]:
+    """The ``data:`` payloads of a stream, raw (no [DONE] check)."""
+    resource: Any = {"chat": client.chat.completions, "completions": client.completions,
+                     "responses": client.responses}[kind]
+    with resource.with_streaming_response.create(stream=True, **params) as response:
+        assert response.status_code == 200
+        return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+
+
+@pytest.mark.parametrize(
+    ("status", "retry_after", "error"),
+    [
+        (429, 2, openai.RateLimitError),
+        (429, None, openai.RateLimitError),
+        (429, 0.25, openai.RateLimitError),
+        (500, None, openai.InternalServerError),
+        (503, 30, openai.InternalServerError),
+        (400, None, openai.BadRequestError),
+        (401, None, openai.AuthenticationError),
+        (404, None, openai.NotFoundError),
+        (413, None, openai.APIStatusError),
+    ],
+)
+def test_fault_status(
+    oa: openai.OpenAI, fake: FakeProvider, status: int, retry_after: float | None, error: type[openai.APIStatusError]
+) -> None:
+    rule = fake.set_fault(Fault("status", status=status, retry_after=retry_after))
+    with pytest.raises(error) as info:
+        oa.chat.completions.create(model="gpt-x", messages=USER)
+    response = info.value.response
+    assert response.status_code == status
+    validate("ErrorResponse", response.json())
+    assert response.json()["error"]["type"] == ("server_error" if status >= 500 else
+                                                "requests" if status == 429 else "invalid_request_error")
+    assert response.headers.get("retry-after") == (None if retry_after is None else f"{retry_after:g}")
+    assert response.headers["x-request-id"]
+    assert (rule.seen, rule.hits, fake.fault_hits) == (1, 1, 1)
+    assert fake.request_count("gpt-x") == 1  # faulted requests are recorded
+
+
+def test_fault_status_on_every_endpoint(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    fake.set_fault(Fault("status", status=503, retry_after=1))
+    calls: list[Callable[[], Any]] = [
+        lambda: oa.chat.completions.create(model="m", messages=USER, stream=True),
+        lambda: oa.completions.create(model="m", prompt="x"),
+        lambda: oa.completions.create(model="m", prompt="x", stream=True),
+        lambda: oa.responses.create(model="m", input="x"),
+        lambda: oa.responses.create(model="m", input="x", stream=True),
+        lambda: oa.embeddings.create(model="m", input="x"),
+    ]
+    for call in calls:
+        with pytest.raises(openai.InternalServerError) as info:
+            call()
+        assert info.value.response.headers["retry-after"] == "1"
+    assert fake.fault_hits == fake.request_count("m") == len(calls)
+    assert not fake.streams  # answered before any stream started
+    # Other paths are not faulted.
+    assert oa.models.list().data
+
+
+def test_fault_hang(fake: FakeProvider) -> None:
+    fake.set_fault(Fault("hang"), model="stuck")
+    with openai.OpenAI(base_url=fake.base_url, api_key="test", max_retries=0, timeout=0.5) as client:
+        for stream in (False, True):
+            started = time.monotonic()
+            with pytest.raises(openai.APITimeoutError):
+                client.chat.completions.create(model="stuck", messages=USER, stream=stream)
+            assert 0.5 <= time.monotonic() - started < 1.5
+        with pytest.raises(openai.APITimeoutError):
+            client.responses.create(model="stuck", input="x")
+
+        # While a request hangs, the provider answers others.
+        pool = ThreadPoolExecutor(1)
+        hung = pool.submit(ok, client, "stuck")
+        deadline = time.monotonic() + 5
+        while fake.hanging < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert fake.hanging == 1
+        assert client.chat.completions.create(model="m", messages=USER).choices[0].message.content
+        assert hung.result(5) is False
+        pool.shutdown()
+    # Once the client gave up, the provider lets go of the request.
+    deadline = time.monotonic() + 2
+    while fake.hanging and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fake.hanging == 0
+    assert fake.request_count("stuck") == fake.fault_hits == 4
+    assert not fake.streams
+
+
+def test_fault_hang_ends_at_stop() -> None:
+    errors: list[BaseException] = []
+    fake = FakeProvider()
+    with fake, openai.OpenAI(base_url=fake.base_url, api_key="test", max_retries=0, timeout=30) as client:
+        fake.set_fault(Fault("hang"))
+
+        def call() -> None:
+            try:
+                client.chat.completions.create(model="m", messages=USER)
+            except openai.APIError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=call)
+        thread.start()
+        assert fake.wait_for_requests(1)
+        started = time.monotonic()
+        fake.stop()
+        assert time.monotonic() - started < 0.5
+        thread.join(5)
+    assert not thread.is_alive()
+    [error] = errors
+    assert isinstance(error, openai.APIConnectionError)  # dropped without an answer
+    assert fake.hanging == 0
+
+
+async def test_fault_hang_does_not_block_async_clients(fake: FakeProvider) -> None:
+    fake.set_fault(Fault("hang"), model="stuck")
+    async with openai.AsyncOpenAI(base_url=fake.base_url, api_key="test", max_retries=0, timeout=0.5) as client:
+        hung = asyncio.ensure_future(client.chat.completions.create(model="stuck", messages=USER))
+        answers = await asyncio.gather(*(client.chat.completions.create(model="m", messages=USER) for _ in range(5)))
+        assert all(a.choices[0].message.content == "echo: hello big world" for a in answers)
+        with pytest.raises(openai.APITimeoutError):
+            await hung
+
+
+def test_fault_reset_streams(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    rule = fake.set_fault(Fault("reset"))
+    received: list[Any] = []
+    with pytest.raises(openai.APIConnectionError):
+        for chunk in oa.chat.completions.create(model="chunks-20", messages=USER, stream=True):
+            received.append(chunk)
+    assert len(received) == 2
+    [record] = fake.wait_for_streams()
+    assert (record.outcome, record.chunks_sent) == ("aborted", 2)
+
+    fake.set_fault(Fault("reset", after_chunks=3))
+    with pytest.raises(openai.APIConnectionError):
+        for piece in oa.completions.create(model="chunks-20", prompt="x", stream=True):
+            received.append(piece)
+    assert len(received) == 2 + 3
+
+    events = []
+    with pytest.raises(openai.APIConnectionError):
+        for event in oa.responses.create(model="m", input="x", stream=True):
+            events.append(event.type)
+    assert events == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert not fake.stored_responses  # never finished, so never kept
+
+    # More events than the answer has: all of them but the last, never the end of the stream.
+    fake.set_fault(Fault("reset", after_chunks=1000))
+    with pytest.raises(openai.APIConnectionError):
+        for chunk in oa.chat.completions.create(model="chunks-3", messages=USER, stream=True):
+            received.append(chunk)
+    assert len(received) == 5 + 1 + 3  # role chunk and 3 words; no finish chunk, no [DONE]
+    with pytest.raises(openai.APIConnectionError):
+        for event in oa.responses.create(model="chunks-3", input="x", stream=True):
+            events.append(event.type)
+    assert events[-1] == "response.output_item.done"
+    assert not fake.stored_responses
+
+    # after_chunks=0: the headers, then the abort.
+    fake.set_fault(Fault("reset", after_chunks=0))
+    with oa.chat.completions.with_streaming_response.create(model="m", messages=USER, stream=True) as response:
+        assert response.status_code == 200
+        with pytest.raises(httpx2.RemoteProtocolError):
+            list(response.iter_lines())
+    records = fake.wait_for_streams(6)
+    assert [r.outcome for r in records] == ["aborted"] * 6
+    assert [r.chunks_sent for r in records] == [2, 3, 3, 4, len(text_events(3)) - 1, 0]
+    assert rule.hits == 1
+    assert not rule.active  # replaced
+    assert fake.fault_hits == 6
+
+
+def test_fault_reset_non_streaming(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    fake.set_fault(Fault("reset", after_chunks=0))
+    with pytest.raises(openai.APIConnectionError) as info:
+        oa.chat.completions.create(model="m", messages=USER)
+    assert "without sending a response" in str(info.value.__cause__)
+
+    fake.set_fault(Fault("reset"))
+    for call in (
+        lambda: oa.chat.completions.create(model="m", messages=USER),
+        lambda: oa.completions.create(model="m", prompt="x"),
+        lambda: oa.responses.create(model="m", input="x"),
+        lambda: oa.embeddings.create(model="m", input="x"),
+    ):
+        with pytest.raises(openai.APIConnectionError) as info:
+            call()
+        assert "incomplete message body" in str(info.value.__cause__) or "complete message body" in str(
+            info.value.__cause__
+        )
+    assert not fake.stored_responses
+    assert fake.fault_hits == fake.request_count("m") == 5
+
+
+def test_fault_slow(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    fake.set_fault(Fault("slow", delay=0.3))
+    started = time.monotonic()
+    assert oa.chat.completions.create(model="m", messages=USER).choices[0].message.content
+    assert time.monotonic() - started >= 0.3
+    with pytest.raises(openai.APITimeoutError):
+        oa.with_options(timeout=0.1).chat.completions.create(model="m", messages=USER, stream=True)
+    # Waited first, then the model-name behaviour.
+    with pytest.raises(openai.InternalServerError):
+        oa.chat.completions.create(model="error-500", messages=USER)
+    assert fake.fault_hits == 3
+
+
+def test_fault_slow_first_chunk(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    rule = fake.set_fault(Fault("slow_first_chunk", delay=0.5))
+    assert rule.fault.stream is True  # implied by the kind
+    started = time.monotonic()
+    with oa.chat.completions.with_streaming_response.create(model="chunks-3", messages=USER, stream=True) as response:
+        assert time.monotonic() - started < 0.4  # the headers come at once
+        lines = response.iter_lines()
+        first = next(line for line in lines if line)
+        assert time.monotonic() - started >= 0.5
+        rest = [line for line in lines if line]
+    assert json.loads(first.removeprefix("data: "))["choices"][0]["delta"]["role"] == "assistant"
+    assert rest[-1] == "data: [DONE]"
+    assert [s.outcome for s in fake.wait_for_streams()] == ["completed"]
+
+    # A client reading with a shorter timeout gives up before the first byte.
+    with pytest.raises(openai.APITimeoutError):
+        for _ in oa.with_options(timeout=0.2).responses.create(model="m", input="x", stream=True):
+            pass
+    # Non-streaming requests are not matched.
+    started = time.monotonic()
+    assert ok(oa)
+    assert time.monotonic() - started < 0.3
+    assert (rule.seen, rule.hits) == (2, 2)
+
+
+def test_fault_error_event_first(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    rule = fake.set_fault(Fault("error_event_first"))
+    for kind, params in (("chat", {"messages": USER}), ("completions", {"prompt": "x"})):
+        [payload] = sse_data(oa, kind, model="m", **params)
+        assert json.loads(payload) == {"error": NESTED_OVERLOADED}
+    [payload] = sse_data(oa, "responses", model="m", input="x")
+    event = json.loads(payload)
+    validate("ResponseStreamEvent", event)
+    assert (event["type"], event["sequence_number"], event["error"]) == ("error", 0, NESTED_OVERLOADED)
+
+    # The SDK raises a non-status APIError on it.
+    with pytest.raises(openai.APIError, match="overloaded") as info:
+        for _ in oa.chat.completions.create(model="m", messages=USER, stream=True):
+            pass
+    assert not isinstance(info.value, openai.APIStatusError)
+    with pytest.raises(openai.APIError, match="overloaded"):
+        for _ in oa.responses.create(model="m", input="x", stream=True):
+            pass
+    assert [s.outcome for s in fake.wait_for_streams(5)] == ["completed"] * 5
+    # Non-streaming requests are answered (and not counted by the fault).
+    assert oa.responses.create(model="m", input="hi").output_text == "echo: hi"
+    assert (rule.seen, rule.hits, fake.fault_hits) == (5, 5, 5)
+
+
+def test_fault_times(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    rule = fake.set_fault(Fault("status", status=500, times=2))
+    assert [ok(oa) for _ in range(4)] == [False, False, True, True]
+    assert (rule.seen, rule.hits, rule.active) == (2, 2, False)
+    assert fake.faults == {}
+    assert fake.request_count() == 4
+
+
+def test_fault_every(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    rule = fake.set_fault(Fault("status", status=503, every=3))
+    assert [ok(oa) for _ in range(9)] == [True, True, False] * 3
+    assert (rule.seen, rule.hits, rule.active) == (9, 3, True)
+
+    rule = fake.set_fault(Fault("reset", every=2, times=2))  # replaces, counting afresh
+    assert [ok(oa) for _ in range(7)] == [True, False, True, False, True, True, True]
+    assert (rule.seen, rule.hits, rule.active) == (4, 2, False)
+    assert fake.fault_hits == 5
+
+
+def test_fault_every_is_exact_under_concurrency(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    rule = fake.set_fault(Fault("status", status=429, every=2))
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: ok(oa), range(40)))
+    assert results.count(False) == rule.hits == fake.fault_hits == 20
+    assert rule.seen == fake.request_count() == 40
+
+
+def test_fault_counts_sdk_retries(fake: FakeProvider) -> None:
+    """Each attempt is a request; Retry-After (seconds, fractions allowed) paces the SDK's retries."""
+    rule = fake.set_fault(Fault("status", status=429, retry_after=0.05, times=2))
+    with openai.OpenAI(base_url=fake.base_url, api_key="test", max_retries=3) as client:
+        answer = client.chat.completions.create(model="m", messages=USER)
+    assert answer.choices[0].message.content == "echo: hello big world"
+    assert fake.request_count("m") == 3
+    assert rule.hits == fake.fault_hits == 2
+    assert [r.headers["x-stainless-retry-count"] for r in fake.requests_for("m")] == ["0", "1", "2"]
+
+
+def test_fault_model_scope(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    a = fake.set_fault(Fault("status", status=500), model="a")
+    assert not ok(oa, "a")
+    assert ok(oa, "b")
+    assert ok(oa, "a" + MODEL_SUFFIX)  # the name as requested, not as served
+    assert (a.seen, a.hits) == (1, 1)
+
+    # A model's fault owns its requests, even those it lets through; the global fault takes the rest.
+    glob = fake.set_fault(Fault("status", status=503))
+    a = fake.set_fault(Fault("status", status=500, every=2, times=1), model="a")
+    assert set(fake.faults) == {"a", None}
+    assert [ok(oa, "a") for _ in range(2)] == [True, False]
+    assert not ok(oa, "b")
+    assert (a.seen, a.hits, glob.seen, glob.hits) == (2, 1, 1, 1)
+    # Used up, the model's fault leaves its requests to the global one.
+    with pytest.raises(openai.InternalServerError) as info:
+        oa.chat.completions.create(model="a", messages=USER)
+    assert info.value.status_code == 503
+    assert set(fake.faults) == {None}
+
+    fake.clear_fault(model=None)
+    assert not glob.active
+    assert ok(oa, "a")
+    assert fake.fault_hits == 4
+
+
+def test_fault_stream_filter(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    rule = fake.set_fault(Fault("status", status=500, stream=False), model="m")
+    glob = fake.set_fault(Fault("reset", stream=True))
+    assert not ok(oa)
+    assert oa.embeddings.create(model="x", input="x").data  # not a stream: the global fault skips it
+    with pytest.raises(openai.APIConnectionError):
+        for _ in oa.chat.completions.create(model="m", messages=USER, stream=True):
+            pass
+    assert (rule.seen, rule.hits, glob.seen, glob.hits) == (1, 1, 1, 1)
+
+
+def test_clear_faults_and_reset(oa: openai.OpenAI, fake: FakeProvider) -> None:
+    rules = [fake.set_fault(Fault("status", status=500)), fake.set_fault(Fault("hang"), model="h")]
+    assert not ok(oa)
+    fake.clear_faults()
+    assert fake.faults == {}
+    assert not any(r.active for r in rules)
+    assert ok(oa)
+    assert ok(oa, "h")
+    assert fake.fault_hits == 1  # kept until reset
+
+    rule = fake.set_fault(Fault("status", status=500), model="m")
+    fake.clear_fault(model="other")  # nothing set there: no-op
+    assert rule.active
+    fake.reset()
+    assert (fake.fault_hits, fake.faults, fake.request_count(), rule.active) == (0, {}, 0, False)
+    assert ok(oa)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Fault("bogus"),  # type: ignore[arg-type]
+        lambda: Fault("status", status=200),
+        lambda: Fault("status", retry_after=-1),
+        lambda: Fault("hang", retry_after=1),
+        lambda: Fault("reset", after_chunks=-1),
+        lambda: Fault("slow", delay=-0.1),
+        lambda: Fault("status", times=0),
+        lambda: Fault("status", every=0),
+        lambda: Fault("slow_first_chunk", stream=False),
+        lambda: Fault("error_event_first", stream=False),
+    ],
+)
+def test_fault_validation(make: Callable[[], Fault]) -> None:
+    with pytest.raises(ValueError):
+        make()

@@ -31,6 +31,50 @@ user message. ``max_output_tokens`` cuts the answer to that many words, with ``s
 ``error`` event. Responses not created with ``store: false`` are kept, so ``previous_response_id`` continues
 their conversation (without their ``instructions``; an unknown id is a 404) and
 ``GET``/``DELETE /v1/responses/{id}`` retrieve and delete them; :meth:`FakeProvider.reset` forgets them.
+
+Runtime faults
+--------------
+
+Besides the model names, a test flips faults at runtime (thread-safe, from the test's thread) with
+``rule = provider.set_fault(Fault(kind, ...), model=None)``; :meth:`FakeProvider.clear_fault` (one scope),
+:meth:`FakeProvider.clear_faults` and :meth:`FakeProvider.reset` remove them. They apply to
+``/v1/chat/completions``, ``/v1/completions``, ``/v1/responses`` (streaming or not) and ``/v1/embeddings``
+(never streaming), to requests that pass the API key check and name a ``model``; other paths are unaffected.
+Kinds (:class:`Fault` fields in brackets):
+
+* ``status`` [``status``, ``retry_after``]: HTTP ``status`` with :func:`error_body`; a ``Retry-After``
+  header only when ``retry_after`` (seconds) is given -- unlike ``error-429``, which always sends 7
+* ``hang``: read the request, never answer; ends when the client disconnects (the provider then closes its
+  side) or at :meth:`FakeProvider.stop` (the connection is aborted); :attr:`FakeProvider.hanging` counts them
+* ``reset`` [``after_chunks``, default 2]: a stream sends its headers and ``after_chunks`` events, then the
+  TCP connection is aborted (the stream's :class:`StreamRecord` outcome is ``"aborted"``). A shorter answer
+  sends all its events but the last (never ``[DONE]`` nor a Responses terminal event). A non-stream answer
+  with ``after_chunks=0`` is aborted before any byte is sent (no status line); with any other value the
+  status, headers (full ``Content-Length``) and half the body are sent first. Reset Responses are not kept
+* ``slow`` [``delay``]: wait ``delay`` seconds before answering at all (status line included), then normally
+* ``slow_first_chunk`` [``delay``] (streams only): headers at once, ``delay`` seconds, then the normal stream
+* ``error_event_first`` (streams only): 200, then an ``error`` event as the only event (as ``error-event``):
+  ``data: {"error": {...}}`` for chat and completions, ``{"type": "error", ...}`` for responses
+
+Waits (``hang``, ``slow``, ``slow_first_chunk``) stop early when the client disconnects or the provider
+stops. Which requests a fault takes:
+
+* scope: ``model`` is the request's ``model`` field as received (the upstream name); ``None`` is every
+  request. One fault per scope: setting another replaces it. A model's fault owns that model's requests
+  and the global fault sees only requests no model fault took (including requests that a model fault
+  counted but, because of ``every``, let through), and those after the model fault was used up
+* ``stream``: ``True`` only streaming requests, ``False`` only the others, ``None`` both (stream-only kinds
+  imply ``True``); a request the filter excludes does not count as matching
+* ``every=k``: only the k-th, 2k-th, ... matching request (counted from when the fault was set) fails
+* ``times=n``: the fault fails n requests, then is used up (removed; requests are answered normally, or by
+  the global fault). Both combine: ``every=2, times=1`` fails the 2nd matching request only
+
+``set_fault`` returns a :class:`FaultRule` whose ``seen`` (matching requests), ``hits`` (requests it
+failed) and ``active`` read its counters; :attr:`FakeProvider.fault_hits` is the total of hits since the
+last reset, of every fault. Faulted requests are recorded like any other (``requests``, ``request_count``).
+Model-name behaviours still apply to what a fault lets through or shapes: ``reset`` on ``chunks-20`` aborts
+after 2 of its chunks, ``slow`` on ``error-500`` waits and then answers 500; ``status`` and ``hang`` decide
+the answer alone.
 """
 
 from __future__ import annotations
@@ -52,7 +96,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from aiohttp import web
 
@@ -65,6 +109,9 @@ __all__ = [
     "SLOW_CHUNKS_LENGTH",
     "Behaviour",
     "FakeProvider",
+    "Fault",
+    "FaultKind",
+    "FaultRule",
     "RecordedRequest",
     "StreamRecord",
     "answer_words",
@@ -96,6 +143,10 @@ FAKE_MODELS = ("gpt-4o", "gpt-4o-mini", "text-embedding-3-small")
 Json = dict[str, Any]
 BehaviourKind = Literal["normal", "error", "garbage", "midstream_fail", "error_event"]
 StreamOutcome = Literal["completed", "disconnected", "aborted"]
+FaultKind = Literal["status", "hang", "reset", "slow", "slow_first_chunk", "error_event_first"]
+_STREAM_ONLY_FAULTS = ("slow_first_chunk", "error_event_first")
+# How often waits (hang, slow faults) look for a gone client or a stopping provider.
+_WAIT_POLL = 0.02
 
 _ERROR_BODIES: dict[int, tuple[str, str, str | None, str | None]] = {
     400: (
@@ -128,6 +179,12 @@ _ERROR_BODIES: dict[int, tuple[str, str, str | None, str | None]] = {
         "server_error",
         None,
         None,
+    ),
+    413: (
+        "Request too large. The request body exceeds the maximum size this model accepts.",
+        "invalid_request_error",
+        None,
+        "request_too_large",
     ),
     503: ("The engine is currently overloaded, please try again later.", "server_error", None, None),
 }
@@ -174,6 +231,96 @@ class StreamRecord:
     chunks_sent: int = 0
     outcome: StreamOutcome | None = None  # None while still streaming
     error: str | None = None
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A fault to inject at runtime (see "Runtime faults" in the module docstring).
+
+    Parameters used by one kind only are ignored by the others (``retry_after`` is refused on them).
+    """
+
+    kind: FaultKind
+    #: ``status``: the HTTP status answered
+    status: int = 500
+    #: ``status``: seconds sent as ``Retry-After`` (formatted ``%g``); None sends no header
+    retry_after: float | None = None
+    #: ``reset``: stream events sent before the abort (non-streams: 0 = before any byte, else half the body)
+    after_chunks: int = 2
+    #: ``slow`` / ``slow_first_chunk``: seconds to wait
+    delay: float = 1.0
+    #: only streaming (True) or non-streaming (False) requests; None both
+    stream: bool | None = None
+    #: fail only this many requests, then the fault is used up; None: no limit
+    times: int | None = None
+    #: fail only every k-th matching request (k, 2k, ...); None: every one
+    every: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in get_args(FaultKind):
+            raise ValueError(f"unknown fault kind {self.kind!r}")
+        if self.kind == "status" and not 400 <= self.status <= 599:
+            raise ValueError(f"a status fault needs an error status (400-599), not {self.status}")
+        if self.retry_after is not None and (self.kind != "status" or self.retry_after < 0):
+            raise ValueError("retry_after is a non-negative number of seconds, for status faults only")
+        if self.after_chunks < 0 or self.delay < 0:
+            raise ValueError("after_chunks and delay cannot be negative")
+        if self.times is not None and self.times < 1:
+            raise ValueError("times must be at least 1 (or None)")
+        if self.every is not None and self.every < 1:
+            raise ValueError("every must be at least 1 (or None)")
+        if self.kind in _STREAM_ONLY_FAULTS:
+            if self.stream is False:
+                raise ValueError(f"{self.kind} faults apply to streams only")
+            object.__setattr__(self, "stream", True)
+
+
+class FaultRule:
+    """A fault set on a provider for one scope, with its counters (read them from any thread)."""
+
+    def __init__(self, fault: Fault, model: str | None, lock: threading.Lock) -> None:
+        self.fault = fault
+        #: the scope: the requested model name, or None for every request
+        self.model = model
+        self._lock = lock
+        self._seen = 0
+        self._hits = 0
+        self._active = True
+
+    @property
+    def seen(self) -> int:
+        """Matching requests this fault owned (failed or, because of ``every``, let through)."""
+        with self._lock:
+            return self._seen
+
+    @property
+    def hits(self) -> int:
+        """Requests this fault was applied to."""
+        with self._lock:
+            return self._hits
+
+    @property
+    def active(self) -> bool:
+        """Still set: not used up (``times``), replaced, cleared or reset."""
+        with self._lock:
+            return self._active
+
+    def __repr__(self) -> str:
+        return f"FaultRule({self.fault!r}, model={self.model!r}, seen={self._seen}, hits={self._hits})"
+
+    def _covers(self, stream: bool) -> bool:
+        return self.fault.stream is None or self.fault.stream == stream
+
+    def _take(self) -> bool:
+        """Count a matching request; whether the fault applies to it. Call with the lock held."""
+        self._seen += 1
+        every = self.fault.every
+        if every is not None and self._seen % every:
+            return False
+        self._hits += 1
+        if self.fault.times is not None and self._hits >= self.fault.times:
+            self._active = False
+        return True
 
 
 def parse_behaviour(model: str) -> Behaviour:
@@ -954,6 +1101,10 @@ class FakeProvider:
         self._streams: list[StreamRecord] = []
         self._model_counts: Counter[str] = Counter()
         self._stored: dict[str, _StoredResponse] = {}
+        self._faults: dict[str | None, FaultRule] = {}
+        self._fault_hits = 0
+        self._hanging = 0
+        self._stopping = threading.Event()
         self._ids = itertools.count(1)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -982,6 +1133,7 @@ class FakeProvider:
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         self._ready.clear()
+        self._stopping.clear()
         self._startup_error = None
         self._thread = threading.Thread(
             target=self._serve, args=(sock,), name=f"fake-provider-{self.port}", daemon=True
@@ -999,6 +1151,7 @@ class FakeProvider:
         thread, loop = self._thread, self._loop
         if thread is None or loop is None:
             return
+        self._stopping.set()  # ends hang faults and fault waits while the runner shuts down
         if loop.is_running():
             loop.call_soon_threadsafe(loop.stop)
         thread.join(timeout)
@@ -1139,9 +1292,56 @@ class FakeProvider:
         with self._lock:
             return {response_id: copy.deepcopy(kept.response) for response_id, kept in self._stored.items()}
 
-    def reset(self) -> None:
-        """Forget recorded requests, counters, stream events and stored responses."""
+    def set_fault(self, fault: Fault, *, model: str | None = None) -> FaultRule:
+        """Inject ``fault`` into requests for ``model`` (as received), or every request when None.
+
+        Replaces the fault set for the same scope; returns the rule, whose counters start at 0.
+        """
+        rule = FaultRule(fault, model, self._lock)
         with self._lock:
+            previous = self._faults.get(model)
+            if previous is not None:
+                previous._active = False
+            self._faults[model] = rule
+        return rule
+
+    def clear_fault(self, *, model: str | None = None) -> None:
+        """Remove the fault of one scope (the global one when None), if any."""
+        with self._lock:
+            rule = self._faults.pop(model, None)
+            if rule is not None:
+                rule._active = False
+
+    def clear_faults(self) -> None:
+        """Remove every fault (``fault_hits`` keeps counting; :meth:`reset` zeroes it)."""
+        with self._lock:
+            for rule in self._faults.values():
+                rule._active = False
+            self._faults.clear()
+
+    @property
+    def faults(self) -> dict[str | None, FaultRule]:
+        """The faults set and not used up, by scope (model name, None for the global one)."""
+        with self._lock:
+            return dict(self._faults)
+
+    @property
+    def fault_hits(self) -> int:
+        """Requests any fault was applied to since the last reset (per fault: :attr:`FaultRule.hits`)."""
+        with self._lock:
+            return self._fault_hits
+
+    @property
+    def hanging(self) -> int:
+        """Requests held by a ``hang`` fault right now."""
+        with self._lock:
+            return self._hanging
+
+    def reset(self) -> None:
+        """Forget recorded requests, counters, stream events, stored responses and faults."""
+        self.clear_faults()
+        with self._lock:
+            self._fault_hits = 0
             self._stored.clear()
             self._requests.clear()
             self._streams.clear()
@@ -1195,8 +1395,10 @@ class FakeProvider:
     def _authorized(self, request: web.Request) -> bool:
         return self.api_key is None or request.headers.get("Authorization") == f"Bearer {self.api_key}"
 
-    async def _prepare(self, request: web.Request) -> tuple[RecordedRequest, Json, Behaviour] | web.StreamResponse:
-        """Record the request; return its body and behaviour, or an early response."""
+    async def _prepare(
+        self, request: web.Request
+    ) -> tuple[RecordedRequest, Json, Behaviour, Fault | None] | web.StreamResponse:
+        """Record the request; return its body, behaviour and fault, or an early response."""
         recorded = await self._record(request)
         if not self._authorized(request):
             return self._error(401)
@@ -1206,6 +1408,9 @@ class FakeProvider:
         model = body.get("model")
         if not isinstance(model, str) or not model:
             return self._error(400, "you must provide a model parameter", "model")
+        fault = self._take_fault(model, body.get("stream") is True)
+        if fault is not None and (early := await self._early_fault(request, fault, body)) is not None:
+            return early
         behaviour = parse_behaviour(model)
         if behaviour.delay:
             await asyncio.sleep(behaviour.delay)
@@ -1215,47 +1420,98 @@ class FakeProvider:
             return web.Response(
                 status=200, body=b"<<<not json", content_type="application/json", headers=self._headers()
             )
-        return recorded, body, behaviour
+        return recorded, body, behaviour, fault
+
+    def _take_fault(self, model: str, stream: bool) -> Fault | None:
+        """The fault to apply to a request, counting it (see the module docstring for the rules)."""
+        with self._lock:
+            for scope in (model, None):
+                rule = self._faults.get(scope)
+                if rule is None or not rule._covers(stream):
+                    continue
+                applies = rule._take()
+                if not rule._active:
+                    del self._faults[scope]
+                if not applies:
+                    return None
+                self._fault_hits += 1
+                return rule.fault
+        return None
+
+    async def _early_fault(self, request: web.Request, fault: Fault, body: Json) -> web.StreamResponse | None:
+        """Apply the faults acting before any answer; None to go on with the request."""
+        if fault.kind == "status":
+            headers = self._headers()
+            if fault.retry_after is not None:
+                headers["Retry-After"] = f"{fault.retry_after:g}"
+            return web.json_response(error_body(fault.status), status=fault.status, headers=headers)
+        if fault.kind == "hang":
+            with self._lock:
+                self._hanging += 1
+            try:
+                await self._wait(request, None)
+            finally:
+                with self._lock:
+                    self._hanging -= 1
+            return _aborted(request)
+        if fault.kind == "slow" and not await self._wait(request, fault.delay):
+            return _aborted(request)
+        if fault.kind == "reset" and fault.after_chunks == 0 and body.get("stream") is not True:
+            return _aborted(request)
+        return None
+
+    async def _wait(self, request: web.Request, seconds: float | None) -> bool:
+        """Sleep ``seconds`` (None: forever); False, early, once the client left or the provider stops."""
+        loop = asyncio.get_running_loop()
+        deadline = None if seconds is None else loop.time() + seconds
+        while True:
+            transport = request.transport
+            if self._stopping.is_set() or transport is None or transport.is_closing():
+                return False
+            remaining = _WAIT_POLL if deadline is None else deadline - loop.time()
+            if remaining <= 0:
+                return True
+            await asyncio.sleep(min(_WAIT_POLL, remaining))
 
     async def _handle_chat(self, request: web.Request) -> web.StreamResponse:
         prepared = await self._prepare(request)
         if isinstance(prepared, web.StreamResponse):
             return prepared
-        _, body, behaviour = prepared
+        _, body, behaviour, fault = prepared
         if not isinstance(body.get("messages"), list) or not body["messages"]:
             return self._error(400)
         completion_id, created = self._next_id("chatcmpl"), int(time.time())
         if body.get("stream") is True:
             chunks = chat_chunks(body, behaviour, completion_id, created)
-            return await self._stream(request, body, behaviour, chunks)
+            return await self._stream(request, body, behaviour, chunks, fault=fault)
         result = chat_completion(body, behaviour, completion_id, created)
-        return await self._json(request, result, behaviour)
+        return await self._json(request, result, behaviour, fault)
 
     async def _handle_completions(self, request: web.Request) -> web.StreamResponse:
         prepared = await self._prepare(request)
         if isinstance(prepared, web.StreamResponse):
             return prepared
-        _, body, behaviour = prepared
+        _, body, behaviour, fault = prepared
         completion_id, created = self._next_id("cmpl"), int(time.time())
         if body.get("stream") is True:
             chunks = completion_chunks(body, behaviour, completion_id, created)
-            return await self._stream(request, body, behaviour, chunks)
-        return await self._json(request, completion(body, behaviour, completion_id, created), behaviour)
+            return await self._stream(request, body, behaviour, chunks, fault=fault)
+        return await self._json(request, completion(body, behaviour, completion_id, created), behaviour, fault)
 
     async def _handle_embeddings(self, request: web.Request) -> web.StreamResponse:
         prepared = await self._prepare(request)
         if isinstance(prepared, web.StreamResponse):
             return prepared
-        _, body, behaviour = prepared
+        _, body, behaviour, fault = prepared
         if "input" not in body:
             return self._error(400, "you must provide an input parameter", "input")
-        return await self._json(request, embeddings(body), behaviour)
+        return await self._json(request, embeddings(body), behaviour, fault)
 
     async def _handle_responses(self, request: web.Request) -> web.StreamResponse:
         prepared = await self._prepare(request)
         if isinstance(prepared, web.StreamResponse):
             return prepared
-        _, body, behaviour = prepared
+        _, body, behaviour, fault = prepared
         if (problem := _responses_problem(body)) is not None:
             return self._error(400, *problem)
         history: list[Json] = []
@@ -1269,12 +1525,16 @@ class FakeProvider:
             history = kept.items
         items = [*history, *response_input_items(body.get("input"))]
         response_id, created = _openai_id("resp"), int(time.time())
+        reset = fault is not None and fault.kind == "reset"  # a reset answer is never kept
         if body.get("stream") is True:
-            events = self._keeping(body, items, response_events(body, behaviour, items, response_id, created))
-            return await self._stream(request, body, behaviour, events, _RESPONSES_SSE)
+            events = response_events(body, behaviour, items, response_id, created)
+            if not reset:
+                events = self._keeping(body, items, events)
+            return await self._stream(request, body, behaviour, events, _RESPONSES_SSE, fault)
         result = response_object(body, behaviour, items, response_id, created)
-        self._keep(body, items, result)
-        return await self._json(request, result, behaviour)
+        if not reset:
+            self._keep(body, items, result)
+        return await self._json(request, result, behaviour, fault)
 
     def _keep(self, body: Json, items: list[Json], response: Json) -> None:
         if body.get("store") is not False:
@@ -1342,9 +1602,12 @@ class FakeProvider:
         await self._record(request)
         return self._error(404, f"Invalid URL ({request.method} {request.path})")
 
-    async def _json(self, request: web.Request, result: Json, behaviour: Behaviour) -> web.StreamResponse:
+    async def _json(
+        self, request: web.Request, result: Json, behaviour: Behaviour, fault: Fault | None = None
+    ) -> web.StreamResponse:
         payload = json.dumps(result).encode()
-        if behaviour.kind != "midstream_fail":
+        reset = fault is not None and fault.kind == "reset"
+        if behaviour.kind != "midstream_fail" and not reset:
             return web.Response(body=payload, content_type="application/json", headers=self._headers())
         # Promise the full length, send half, then drop the connection.
         response = web.StreamResponse(headers=self._headers())
@@ -1363,6 +1626,7 @@ class FakeProvider:
         behaviour: Behaviour,
         chunks: Iterator[Json],
         sse: _SseFormat = _CHAT_SSE,
+        fault: Fault | None = None,
     ) -> web.StreamResponse:
         record = StreamRecord(path=request.path, model=str(body.get("model")))
         with self._lock:
@@ -1370,25 +1634,43 @@ class FakeProvider:
         response = web.StreamResponse(headers={**self._headers(), "Cache-Control": "no-cache"})
         response.content_type = "text/event-stream"
         response.charset = "utf-8"
+        kind = fault.kind if fault is not None else None
+        # Events sent before the connection is aborted, if it is to be.
+        abort_after: int | None = None
+        if kind == "reset" and fault is not None:
+            abort_after = fault.after_chunks
+        elif behaviour.kind == "midstream_fail":
+            abort_after = MIDSTREAM_FAIL_CHUNKS
         try:
             await response.prepare(request)
-            if behaviour.kind == "error_event":
+            if kind == "slow_first_chunk" and fault is not None and not await self._wait(request, fault.delay):
+                self._finish(record, "disconnected", "left during slow_first_chunk")
+                _abort(request)
+                return response
+            if behaviour.kind == "error_event" or kind == "error_event_first":
                 await response.write(sse.frame(sse.error_event))
                 await response.write_eof()
                 self._finish(record, "completed")
                 return response
-            for chunk in chunks:
-                if behaviour.kind == "midstream_fail" and record.chunks_sent >= MIDSTREAM_FAIL_CHUNKS:
-                    # Give the kernel the chunks already written, then reset before the end of the stream.
-                    await asyncio.sleep(0.05)
-                    self._finish(record, "aborted")
-                    _abort(request)
-                    return response
+            chunk = next(chunks, None)
+            while chunk is not None:
+                if abort_after is not None and record.chunks_sent >= abort_after:
+                    break
+                following = next(chunks, None)
+                if following is None and kind == "reset":
+                    break  # a reset stream never sends its last event
                 await response.write(sse.frame(chunk))
+                chunk = following
                 with self._lock:
                     record.chunks_sent += 1
                 if behaviour.chunk_delay:
                     await asyncio.sleep(behaviour.chunk_delay)
+            if abort_after is not None:
+                # Give the kernel the chunks already written, then drop the connection before the stream's end.
+                await _flushed(request)
+                self._finish(record, "aborted")
+                _abort(request)
+                return response
             if sse.done:
                 await response.write(sse.done)
             await response.write_eof()
@@ -1420,3 +1702,19 @@ def _abort(request: web.Request) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
+
+
+def _aborted(request: web.Request) -> web.Response:
+    """Drop the connection without an answer; the response returned is never sent."""
+    _abort(request)
+    return web.Response(status=503)
+
+
+async def _flushed(request: web.Request) -> None:
+    """Wait (up to 0.5 s) until what was written left the transport's buffer, so an abort keeps it."""
+    transport = request.transport
+    for _ in range(100):
+        if transport is None or not transport.get_write_buffer_size():
+            break
+        await asyncio.sleep(0.005)
+    await asyncio.sleep(0.01)
