@@ -104,7 +104,8 @@ pool_attempts = Counter(
 )
 fallbacks = Counter(
     "helios_fallbacks", "Requests passed to a fallback, by the name that failed, the fallback, and why "
-    "(rate_limit, timeout, connection, server_error, not_ready, context_length, cooling_down).",
+    "(rate_limit, timeout, connection, server_error, not_ready, context_length, cooling_down, queue: every "
+    "member was full).",
     ["from", "to", "error_class"],
 )
 pool_member_state = Gauge(

@@ -222,7 +222,10 @@ class RouterBackend(Backend):
         if tally.context_missed and tally.last_class is None and self._context_fallbacks:
             targets, why = self._context_fallbacks, policy.CONTEXT
         else:
-            targets, why = self._fallbacks, _COOLING_DOWN if cooling else (tally.last_class or "queue")
+            targets = self._fallbacks
+            # No member failed: each was cooling down, too short for the prompt (context_length), or full.
+            why = tally.last_class or (_COOLING_DOWN if cooling else policy.CONTEXT if tally.context_missed
+                                       else "queue")
         for name, backend in targets:
             if tally.used >= tally.budget:
                 break

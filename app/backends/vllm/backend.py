@@ -186,7 +186,8 @@ class VLLMBackend(Backend):
                 prompt_ids, _, _, _ = self._prepare_chat(request, final_only=False)
                 self._measured = (request, prompt_ids)
             else:
-                self._prompts.completion(request)
+                # The prompts and the max_tokens budget they leave, as the call checks them.
+                self._prepare_completion(request, final_only=False)
         except APIError as exc:
             return "context" if exc.code == "context_length_exceeded" else None
         return None
