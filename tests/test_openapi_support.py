@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import datetime
+import json
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.support import openapi
+from tests.support import openapi, openapi_trim
 from tests.support.openapi import COMPLETION_STREAM_SCHEMA, is_valid, validate
 
 USAGE = {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
@@ -227,3 +230,65 @@ def test_spec_path_override(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> 
     assert openapi.DEFAULT_SPEC_PATH.is_file()
     monkeypatch.setenv(openapi.SPEC_ENV, str(tmp_path / "spec.json"))
     assert openapi.spec_path() == tmp_path / "spec.json"
+
+
+def test_trimmed_spec_is_self_contained() -> None:
+    document = json.loads(openapi_trim.TRIMMED_PATH.read_text(encoding="utf-8"))
+    schemas = document["components"]["schemas"]
+    assert set(openapi_trim.ROOTS) <= set(schemas)
+    for name, schema in schemas.items():
+        assert openapi_trim.references(schema) <= set(schemas), name
+    header = document[openapi_trim.SOURCE_KEY]
+    assert "Copyright (c) 2020 OpenAI" in header["license"]["text"]
+    assert header["spec"]["sha256"] and header["spec"]["info_version"]
+
+
+def test_trim_strips_documentation_keywords_only() -> None:
+    schemas = {
+        "Root": {
+            "type": "object",
+            "title": "Root",
+            "description": "documentation",
+            "x-oaiMeta": {"name": "root"},
+            "example": {"description": "x"},
+            "required": ["description", "title"],
+            "properties": {
+                "description": {"type": "string", "description": "a property called description"},
+                "title": {"$ref": "#/components/schemas/Title"},
+                "kind": {"type": "string", "enum": ["description"], "default": "description"},
+            },
+        },
+        "Title": {"anyOf": [{"type": "string", "title": "T"}, {"$ref": "#/components/schemas/Leaf"}]},
+        "Leaf": {"type": "integer", "examples": [1]},
+        "Unused": {"type": "boolean"},
+    }
+    assert openapi_trim.trim(schemas, ["Root"]) == {
+        "Root": {
+            "type": "object",
+            "required": ["description", "title"],
+            "properties": {
+                "description": {"type": "string"},
+                "title": {"$ref": "#/components/schemas/Title"},
+                "kind": {"type": "string", "enum": ["description"], "default": "description"},
+            },
+        },
+        "Title": {"anyOf": [{"type": "string"}, {"$ref": "#/components/schemas/Leaf"}]},
+        "Leaf": {"type": "integer"},
+    }
+
+
+def test_trimmed_spec_is_up_to_date() -> None:
+    """Regenerating the trimmed file from the full spec gives the committed bytes (CI has the full spec)."""
+    full = openapi_trim.full_spec_path()
+    if not full.is_file() or full.resolve() == openapi_trim.TRIMMED_PATH.resolve():
+        message = f"the full OpenAI spec is not at {full} (set {openapi_trim.SPEC_ENV})"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+            pytest.fail(f"{message}; CI must check the trimmed copy against it")
+        pytest.skip(message)
+    committed = openapi_trim.TRIMMED_PATH.read_text(encoding="utf-8")
+    # Another day's run regenerates the same bytes: the header's date is kept while nothing else changes.
+    later = datetime.date.today() + datetime.timedelta(days=400)
+    regenerated = openapi_trim.generate(full, previous=committed, today=later)
+    assert regenerated == committed, (
+        f"{openapi_trim.TRIMMED_PATH} is out of date with {full}: run `python -m tests.support.openapi_trim`"
+    )

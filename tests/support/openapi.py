@@ -1,4 +1,9 @@
-"""Validate JSON bodies against OpenAI's official OpenAPI schemas."""
+"""Validate JSON bodies against OpenAI's official OpenAPI schemas.
+
+By default the schemas come from ``tests/data/openai-schemas.json``, the part of OpenAI's spec the tests use
+(made by ``python -m tests.support.openapi_trim`` from the full spec, so a clone needs nothing beside it);
+``$HELIOS_OPENAPI_SPEC`` points them at another spec instead, e.g. the full ``openapi.json``.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +20,12 @@ from jsonschema.exceptions import ValidationError  # type: ignore[import-untyped
 from referencing import Registry
 from referencing.jsonschema import DRAFT202012
 
+from tests.support.openapi_trim import FULL_SPEC_PATH, SPEC_ENV, TRIMMED_PATH
+
 __all__ = [
     "COMPLETION_STREAM_SCHEMA",
     "DEFAULT_SPEC_PATH",
+    "FULL_SPEC_PATH",
     "SPEC_ENV",
     "errors",
     "is_valid",
@@ -27,10 +35,10 @@ __all__ = [
     "validate",
 ]
 
-SPEC_ENV = "HELIOS_OPENAPI_SPEC"
 # Not in the spec: added at load time, see _completion_stream_schema.
 COMPLETION_STREAM_SCHEMA = "CreateCompletionStreamResponse"
-DEFAULT_SPEC_PATH = Path(__file__).resolve().parents[3] / "shared/openai-openapi/openapi.json"
+# The trimmed copy committed with the tests; FULL_SPEC_PATH is the full one beside the clone (../shared).
+DEFAULT_SPEC_PATH = TRIMMED_PATH
 
 # The document gets a synthetic URI so "#/components/schemas/X" refs resolve against it.
 _BASE_URI = "urn:helios:openai-openapi"
@@ -74,7 +82,7 @@ _state = _State()
 
 
 def spec_path() -> Path:
-    """Path of the spec: $HELIOS_OPENAPI_SPEC or the shared copy."""
+    """Path of the spec: $HELIOS_OPENAPI_SPEC, else the trimmed copy under tests/data."""
     override = os.environ.get(SPEC_ENV)
     return Path(override) if override else DEFAULT_SPEC_PATH
 
@@ -206,7 +214,10 @@ def _validator(schema_name: str) -> Any:
         validator = _state.validators.get(schema_name)
         if validator is None:
             if schema_name not in schemas:
-                raise KeyError(f"unknown schema {schema_name!r} in {spec_path()}")
+                hint = ""
+                if spec_path() == DEFAULT_SPEC_PATH:
+                    hint = " (the trimmed copy: add it to ROOTS in tests/support/openapi_trim.py and regenerate)"
+                raise KeyError(f"unknown schema {schema_name!r} in {spec_path()}{hint}")
             ref = {"$ref": f"{_BASE_URI}{_SCHEMAS_POINTER}{schema_name}"}
             validator = Draft202012Validator(ref, registry=registry)
             _state.validators[schema_name] = validator
