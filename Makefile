@@ -7,7 +7,7 @@ DEMO_MODEL ?= models/helios-demo-tiny
 # The embedded engine's build: the official GPU one where an NVIDIA GPU is present, else the CPU one.
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
 
-.PHONY: install install-engine demo-model run test test-images lint format bench bench-quick bench-agents bench-responses bench-vllm clean
+.PHONY: install install-engine demo-model run test test-images lint format bench bench-quick bench-agents bench-responses bench-resilience bench-vllm clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,16 +46,19 @@ test-images: install-engine
 
 # Gateway benchmarks against the direct path and LiteLLM's proxy (installed into bench/.venv-litellm);
 # BENCH_ARGS=--profile adds py-spy profiles. Then the agent scenario and /v1/responses against chat.
+# Then the pool under a failing and a stopped member, and what routing costs when nothing fails.
 # Results: bench/results/.
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.agents
 	$(PY) -m bench.responses
+	$(PY) -m bench.resilience
 
 bench-quick: install
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
 	$(PY) -m bench.agents --quick
 	$(PY) -m bench.responses --quick
+	$(PY) -m bench.resilience --quick
 
 # An agent's two-step tool loop against the same model calls made straight to the provider imitation;
 # BENCH_ARGS=--quick for a short run.
@@ -66,6 +69,13 @@ bench-agents: install
 # added time per request, streaming, relay rate; BENCH_ARGS=--quick for a short run, --profile for py-spy.
 bench-responses: install
 	$(PY) -m bench.responses $(BENCH_ARGS)
+
+# A pool of two provider imitations at c=64 through four phases (healthy, one member failing 30% with HTTP 500,
+# that member's process killed, restarted): errors, latency, attempts per request, recovery; then a pool of one
+# against the plain model (added latency at c=1, added CPU at c=64); BENCH_ARGS=--quick for a short run,
+# --strategy weighted for a 1:1 pool, --profile for py-spy.
+bench-resilience: install
+	$(PY) -m bench.resilience $(BENCH_ARGS)
 
 # The embedded engine against vLLM's own OpenAI server, same model and engine arguments.
 bench-vllm: install-engine

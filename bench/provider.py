@@ -12,6 +12,14 @@ Raw asyncio protocol on uvloop, HTTP/1.1 with keep-alive. Serves:
   fewer than N assistant tool-call messages since the last user message, and in text after that (or with
   ``tool_choice: "none"``). Any other model, or no ``tools``, answers in text as below.
 - ``GET /v1/models``, ``GET /health``.
+- Fault injection, for resilience benchmarks (nothing changes until a fault is set):
+  ``POST /control/faults`` with ``{"model": "gpt-4o", "fail_rate": 0.3, "status": 500}`` makes that share
+  of chat requests for that upstream model (``"model"`` null or absent: every model) fail with that status
+  and an OpenAI-shaped error body (``"retry_after": 2`` adds a ``Retry-After`` header). The failures are
+  spread evenly and exactly (error diffusion: 0.3 fails 3 of every 10), not drawn at random, so runs
+  repeat. ``fail_rate`` 0 (or ``{"clear": true}``, all models) removes faults. ``GET /control/stats``
+  gives the chat requests and injected failures per model since start; ``POST /control/reset`` zeroes
+  them. A provider that is down is a stopped process (connection refused).
 
 With no delay a whole response is built once per (kind, model, length, usage, round) and cached, so one
 request costs a header parse, a small ``json.loads`` and one ``transport.write``.
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import http
 import json
 import signal
 from typing import Any, cast
@@ -155,6 +164,34 @@ _BAD_REQUEST = _json_response("400 Bad Request", _dumps(
     close=True)
 
 
+class Fault:
+    """A share of one model's (or every model's) chat requests answered with an error status."""
+
+    __slots__ = ("credit", "rate", "response")
+
+    def __init__(self, rate: float, status: int, retry_after: float | None) -> None:
+        self.rate = rate
+        self.credit = 0.0  # error diffusion: fail when the accumulated rate reaches a whole request
+        phrase = http.HTTPStatus(status).phrase
+        kind = "rate_limit_error" if status == 429 else "server_error" if status >= 500 else "invalid_request_error"
+        body = _dumps({"error": {"message": f"injected fault: HTTP {status}", "type": kind, "param": None,
+                                 "code": None}})
+        head = _head(f"{status} {phrase}", "application/json", len(body), False)
+        if retry_after is not None:
+            head = head[:-2] + f"retry-after: {retry_after:g}\r\n\r\n".encode()
+        self.response = head + body
+
+    def hit(self) -> bool:
+        self.credit += self.rate
+        if self.credit >= 1.0 - 1e-9:
+            self.credit -= 1.0
+            return True
+        return False
+
+    def describe(self) -> dict[str, Any]:
+        return {"fail_rate": self.rate, "status": int(self.response.split(b" ", 2)[1])}
+
+
 class Provider:
     """Settings and the response cache shared by all connections."""
 
@@ -164,6 +201,49 @@ class Provider:
         self.max_tokens = max_tokens
         self._cache: dict[tuple[Any, ...], bytes] = {}
         self.requests = 0
+        self.faults: dict[str | None, Fault] = {}  # by upstream model; None: every model
+        self.chat_requests: dict[str, int] = {}
+        self.failed: dict[str, int] = {}
+
+    def fault(self, model: str) -> bytes | None:
+        """The error response for this chat request when a fault says it fails, else None."""
+        rule = self.faults.get(model) or self.faults.get(None)
+        if rule is None or not rule.hit():
+            return None
+        self.failed[model] = self.failed.get(model, 0) + 1
+        return rule.response
+
+    def control(self, method: str, path: str, body: bytes) -> bytes:
+        """``/control/faults``, ``/control/stats``, ``/control/reset``."""
+        try:
+            doc = json.loads(body) if body else {}
+            if not isinstance(doc, dict):
+                raise ValueError("not an object")
+            if method == "POST" and path == "/control/faults":
+                if doc.get("clear"):
+                    self.faults.clear()
+                else:
+                    model = doc.get("model")
+                    rate = float(doc.get("fail_rate", 0.0))
+                    if not 0.0 <= rate <= 1.0:
+                        raise ValueError("fail_rate is between 0 and 1")
+                    if rate == 0.0:
+                        self.faults.pop(model, None)
+                    else:
+                        retry_after = doc.get("retry_after")
+                        self.faults[model] = Fault(rate, int(doc.get("status", 500)),
+                                                   None if retry_after is None else float(retry_after))
+            elif method == "POST" and path == "/control/reset":
+                self.chat_requests.clear()
+                self.failed.clear()
+            elif not (method == "GET" and path == "/control/stats"):
+                return _NOT_FOUND
+        except (ValueError, TypeError) as exc:
+            return _json_response("400 Bad Request", _dumps(
+                {"error": {"message": str(exc), "type": "invalid_request_error", "param": None, "code": None}}))
+        return _json_response("200 OK", _dumps({
+            "chat_requests": self.chat_requests, "failed": self.failed,
+            "faults": {str(k): v.describe() for k, v in self.faults.items()}}))
 
     def models(self) -> bytes:
         key = ("models",)
@@ -275,6 +355,12 @@ class Connection(asyncio.Protocol):
                 transport.write(_BAD_REQUEST)
                 transport.close()
                 return
+            provider.chat_requests[model] = provider.chat_requests.get(model, 0) + 1
+            if provider.faults:
+                failure = provider.fault(model)
+                if failure is not None:
+                    transport.write(failure)
+                    return
             if model.startswith(_TOOLS_PREFIX) and self._tool_call(request, model):
                 return
             if not request.get("stream"):
@@ -291,6 +377,8 @@ class Connection(asyncio.Protocol):
             transport.write(provider.models())
         elif method == "GET" and path in ("/health", "/v1/health"):
             transport.write(_HEALTH)
+        elif path.startswith("/control/"):
+            transport.write(provider.control(method, path, body))
         else:
             transport.write(_NOT_FOUND)
 

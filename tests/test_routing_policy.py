@@ -47,37 +47,56 @@ def _health(**settings: float) -> MemberHealth:
 
 def test_a_member_cools_down_after_allowed_fails_then_one_probe_decides() -> None:
     health = _health(allowed_fails=2, failure_window=10, cooldown=5)
-    health.failed(100.0, None)
-    assert health.state == HEALTHY and health.acquire(100.1)
-    health.failed(101.0, None)
-    assert health.state == COOLING and not health.acquire(103.0) and health.back_in(103.0) == pytest.approx(3.0)
+    health.failed(100.0, None, False)
+    assert health.state == HEALTHY and health.acquire(100.1) is False
+    health.failed(101.0, None, False)
+    assert health.state == COOLING and health.acquire(103.0) is None
+    assert health.back_in(103.0) == pytest.approx(3.0)
     # After the cool-down one probe goes through, and only one.
-    assert health.acquire(106.1) and health.state == PROBING
-    assert not health.acquire(106.2)
-    health.failed(106.3, None)  # the probe failed: cooling again at once
-    assert health.state == COOLING and not health.acquire(107.0)
-    assert health.acquire(111.5)
-    health.succeeded()
-    assert health.state == HEALTHY and health.acquire(111.6) and health.acquire(111.7)
+    assert health.acquire(106.1) is True and health.state == PROBING
+    assert health.acquire(106.2) is None
+    health.failed(106.3, None, True)  # the probe failed: cooling again at once
+    assert health.state == COOLING and health.acquire(107.0) is None
+    assert health.acquire(111.5) is True
+    health.succeeded(True)
+    assert health.state == HEALTHY and health.acquire(111.6) is False and health.acquire(111.7) is False
+
+
+def test_late_answers_to_earlier_attempts_do_not_decide() -> None:
+    # Many requests in flight: answers to attempts made before the cool-down arrive after it began.
+    health = _health(allowed_fails=2, failure_window=10, cooldown=5)
+    health.failed(100.0, None, False)
+    health.failed(100.1, None, False)
+    assert health.state == COOLING
+    health.succeeded(False)  # a late success does not end the cool-down
+    health.failed(100.2, None, False)  # nor does a late failure restart it
+    assert health.state == COOLING and health.back_in(100.2) == pytest.approx(4.9)
+    assert health.acquire(105.2) is True
+    health.succeeded(False)
+    health.failed(105.3, None, False)  # a late failure while probing is not the probe's verdict
+    health.release(False)  # nor does a non-probe attempt free the probe's slot
+    assert health.state == PROBING and health.acquire(105.4) is None
+    health.succeeded(True)
+    assert health.state == HEALTHY
 
 
 def test_failures_outside_the_window_do_not_add_up() -> None:
     health = _health(allowed_fails=2, failure_window=10, cooldown=5)
-    health.failed(100.0, None)
-    health.failed(111.0, None)
+    health.failed(100.0, None, False)
+    health.failed(111.0, None, False)
     assert health.state == HEALTHY
 
 
 def test_a_retry_after_cools_a_member_down_for_that_long() -> None:
     health = _health(allowed_fails=5, cooldown=30)
-    health.failed(100.0, 2.0)
+    health.failed(100.0, 2.0, False)
     assert health.state == COOLING and health.back_in(100.5) == pytest.approx(1.5)
-    assert health.acquire(102.1)
+    assert health.acquire(102.1) is True
 
 
 def test_a_probe_that_ends_without_a_verdict_frees_the_slot() -> None:
     health = _health(allowed_fails=1, cooldown=1)
-    health.failed(100.0, None)
-    assert health.acquire(101.5) and not health.acquire(101.6)
-    health.release()  # the client left, or made its own mistake: nothing learnt about the member
-    assert health.state == PROBING and health.acquire(101.7)
+    health.failed(100.0, None, False)
+    assert health.acquire(101.5) is True and health.acquire(101.6) is None
+    health.release(True)  # the client left, or made its own mistake: nothing learnt about the member
+    assert health.state == PROBING and health.acquire(101.7) is True

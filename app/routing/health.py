@@ -31,36 +31,41 @@ class MemberHealth:
         self._cooldowns = metrics.pool_cooldowns.labels(pool, member)
         self._gauge.set(HEALTHY)
 
-    def acquire(self, now: float) -> bool:
-        """Whether an attempt may go to this member now; a half-open member lets one probe through."""
+    def acquire(self, now: float) -> bool | None:
+        """Whether an attempt may go to this member now: None if not, else whether it is the half-open probe.
+        The verdict of an attempt counts only as what it was: with many requests in flight, late answers to
+        attempts made before a cool-down must neither end it nor start another."""
         if self.state == HEALTHY:
-            return True
+            return False
         if self.state == COOLING:
             if now < self._until:
-                return False
+                return None
             self._set(PROBING)
         if self.probing:
-            return False
+            return None
         self.probing = True
         return True
 
-    def release(self) -> None:
+    def release(self, probe: bool) -> None:
         """An attempt that said nothing about health (the client left, the client's own mistake) ended."""
-        self.probing = False
+        if probe:
+            self.probing = False
 
-    def succeeded(self) -> None:
-        self.probing = False
-        if self.state != HEALTHY:
+    def succeeded(self, probe: bool) -> None:
+        if probe:
+            self.probing = False
             self._failures.clear()
             self._set(HEALTHY)
 
-    def failed(self, now: float, retry_after: float | None) -> None:
+    def failed(self, now: float, retry_after: float | None, probe: bool) -> None:
+        if self.state != HEALTHY and not probe:
+            return  # an attempt from before the cool-down: the member is out already
         self.probing = False
         failures = self._failures
         failures.append(now)
         while failures and failures[0] < now - self._settings.failure_window:
             failures.popleft()
-        if retry_after is not None or self.state == PROBING or len(failures) >= self._settings.allowed_fails:
+        if retry_after is not None or probe or len(failures) >= self._settings.allowed_fails:
             self._until = now + (retry_after if retry_after is not None else self._settings.cooldown)
             failures.clear()
             if self.state != COOLING:

@@ -163,11 +163,12 @@ class RouterBackend(Backend):
                         else:
                             tally.queue_missed = True
                         continue
-                if not member.health.acquire(now()):
+                probe = member.health.acquire(now())
+                if probe is None:
                     continue
                 tried = True
                 tally.used += 1
-                result = await self._try_member(member, stats, call, tally, stream)
+                result = await self._try_member(member, probe, stats, call, tally, stream)
                 if result is not None:
                     return result
             if not tried or tally.used >= tally.budget or tally.last_class is None:
@@ -182,7 +183,8 @@ class RouterBackend(Backend):
             round_ += 1
         return None
 
-    async def _try_member(self, member: Member, stats: CallStats, call: _Call, tally: _Tally, stream: bool) -> Any:
+    async def _try_member(self, member: Member, probe: bool, stats: CallStats, call: _Call, tally: _Tally,
+                          stream: bool) -> Any:
         attempt = CallStats(tool_steps=stats.tool_steps)
         member.in_flight += 1
         try:
@@ -192,11 +194,11 @@ class RouterBackend(Backend):
             kind = policy.classify(exc, attempt.error_kind)
             metrics.pool_attempts.labels(self.name, member.name, kind).inc()
             if kind in policy.FAILOVER:
-                member.health.failed(now(), policy.retry_after(exc) if kind == policy.RATE_LIMIT else None)
+                member.health.failed(now(), policy.retry_after(exc) if kind == policy.RATE_LIMIT else None, probe)
                 tally.last, tally.last_class = exc, kind
                 stats.error_kind = attempt.error_kind
                 return None
-            member.health.release()
+            member.health.release(probe)
             if kind == policy.CONTEXT:
                 tally.context_missed = True
                 tally.last = tally.last or exc
@@ -206,9 +208,9 @@ class RouterBackend(Backend):
             raise
         except BaseException:
             member.in_flight -= 1
-            member.health.release()
+            member.health.release(probe)
             raise
-        member.health.succeeded()
+        member.health.succeeded(probe)
         member.ok.inc()
         stats.served_by = member.name
         if not stream:
