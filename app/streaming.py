@@ -19,7 +19,7 @@ from typing import Protocol
 
 from quart import Response
 
-from app.backends.base import ChunkStream
+from app.backends.base import ChunkStream, close_stream
 from app.errors import APIError, internal_error
 
 log = logging.getLogger(__name__)
@@ -173,9 +173,7 @@ async def _release(pump: asyncio.Task[None] | None, chunks: ChunkStream) -> None
     if pump is not None:
         pump.cancel()
         await asyncio.gather(pump, return_exceptions=True)
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()
+    await close_stream(chunks)
 
 
 async def sse_response(

@@ -24,7 +24,7 @@ from jsonschema import Draft202012Validator
 from app import metrics
 from app.agents import steps
 from app.agents.tools import Tool, ToolResult, ToolSource
-from app.backends.base import Backend, CallStats, ChunkStream, ToolStep
+from app.backends.base import Backend, CallStats, ChunkStream, ToolStep, close_stream
 from app.errors import invalid_request
 from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.settings import AgentSettings
@@ -359,7 +359,7 @@ class AgentBackend(Backend):
                 step = _Step()
                 async for batch in self._relay(run, chunks, step, out):
                     yield batch
-                await _aclose(chunks)
+                await close_stream(chunks)
                 server = step.server_calls()
                 if step.client or not server or run.final:
                     finish = "tool_calls" if step.client else ("stop" if step.finish == "tool_calls" else step.finish)
@@ -374,7 +374,7 @@ class AgentBackend(Backend):
             if request.wants_usage_chunk:
                 yield [out.usage(usage)]
         finally:
-            await _aclose(chunks)
+            await close_stream(chunks)
 
     async def _relay(self, run: _Run, chunks: ChunkStream, step: _Step, out: _Chunks) -> AsyncIterator[list[bytes]]:
         """One model call's stream: answer text and reasoning passed on as they come, the client's own tool
@@ -450,9 +450,3 @@ def _cut(text: str, limit: int) -> str:
         return text
     kept = data[:limit].decode(errors="ignore")
     return f"{kept}\n[output cut: {len(data)} bytes, only the first {limit} are shown]"
-
-
-async def _aclose(chunks: ChunkStream) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()

@@ -121,3 +121,10 @@ class Backend(ABC):
 
     async def responses_stream(self, body: bytes, served_as: str, stats: CallStats) -> ChunkStream:
         raise NotImplementedError
+
+
+async def close_stream(chunks: ChunkStream) -> None:
+    """Close a backend's stream: what releases its upstream request (or aborts its engine request) early."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()

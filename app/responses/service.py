@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from app.backends.base import Backend, CallStats, ChunkStream, ToolStep
+from app.backends.base import Backend, CallStats, ChunkStream, ToolStep, close_stream
 from app.errors import APIError, from_validation_error, invalid_request
 from app.exchange import Exchange
 from app.protocol import ChatCompletionRequest
@@ -200,9 +200,7 @@ class ResponsesService:
             out, body = events.finish()
             yield await self._ended(turn, body, out)
         finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(chunks)
 
     async def _ended(self, turn: _Turn, body: dict[str, Any], out: list[bytes]) -> list[bytes]:
         """The last frames of a stream, once what it made is stored (an ``error`` event if that failed)."""
@@ -305,9 +303,7 @@ class ResponsesService:
                                 "sequence_number": int(numbers[-1]) + 1 if numbers else 0})
                 yield await self._ended(turn, _failed(current, exc), [frame(b"error", error)])
         finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await close_stream(chunks)
 
     # ---- background --------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from app import metrics
-from app.backends.base import Backend, CallStats, ChunkStream
+from app.backends.base import Backend, CallStats, ChunkStream, close_stream
 from app.errors import APIError, invalid_request, upstream_timeout
 from app.protocol import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from app.routing import policy
@@ -263,11 +263,11 @@ class RouterBackend(Backend):
             async with asyncio.timeout(timeout):
                 first = await anext(chunks, None)
         except TimeoutError:
-            await _aclose(chunks)
+            await close_stream(chunks)
             stats.error_kind = "timeout"
             raise upstream_timeout(f"No first chunk from '{backend.name}' within {timeout:g} s.") from None
         except BaseException:
-            await _aclose(chunks)
+            await close_stream(chunks)
             raise
         return first, chunks
 
@@ -311,7 +311,7 @@ async def _relay(opened: tuple[list[bytes] | None, ChunkStream], stats: CallStat
     finally:
         if member is not None:
             member.in_flight -= 1
-        await _aclose(chunks)
+        await close_stream(chunks)
         _copy(stats, attempt)
 
 
@@ -322,9 +322,3 @@ def _copy(stats: CallStats, attempt: CallStats) -> None:
     stats.error_kind = attempt.error_kind
     if attempt.steps is not None:
         stats.steps, stats.tool_calls = attempt.steps, attempt.tool_calls
-
-
-async def _aclose(chunks: ChunkStream) -> None:
-    aclose = getattr(chunks, "aclose", None)
-    if aclose is not None:
-        await aclose()

@@ -73,3 +73,38 @@ def wait_for_log(process: HeliosProcess, needle: str, timeout: float = 10.0) -> 
 
     eventually(seen, timeout, f"log line with {needle!r}")
     return found[0]
+
+
+def created_response(oa: openai.OpenAI, **params: Any) -> dict[str, Any]:
+    """``responses.create`` as raw JSON, validated against OpenAI's ``Response`` schema."""
+    data: dict[str, Any] = oa.responses.with_raw_response.create(**params).http_response.json()
+    validate("Response", data)
+    return data
+
+
+def response_events(oa: openai.OpenAI, **params: Any) -> list[dict[str, Any]]:
+    """A Responses stream's events as sent, each validated; ``event:`` lines must name the type of their data,
+    and sequence numbers run 0, 1, 2, ..."""
+    events: list[dict[str, Any]] = []
+    kind = None
+    with oa.responses.with_streaming_response.create(stream=True, **params) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: "):
+                event = json.loads(line[6:])
+                assert event["type"] == kind, (kind, event)
+                validate("ResponseStreamEvent", event)
+                events.append(event)
+            else:
+                assert line == "", f"unexpected SSE line {line!r}"
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    return events
+
+
+def output_text(response: dict[str, Any]) -> str:
+    """The text of a Response's message items."""
+    return "".join(part["text"] for item in response["output"] if item["type"] == "message"
+                   for part in item["content"] if part["type"] == "output_text")
+

@@ -17,7 +17,7 @@ import pytest
 
 from app.settings import OpenAIModelSettings
 from tests.e2e.agents_support import calc, results
-from tests.e2e.gateway import client, eventually, remote_model
+from tests.e2e.gateway import client, created_response, eventually, output_text, remote_model, response_events
 from tests.support.fake_provider import FakeProvider
 from tests.support.mcp_servers import SERVER_MODULE
 from tests.support.openapi import validate
@@ -63,52 +63,27 @@ def oa(gateway: HeliosProcess, provider: FakeProvider) -> openai.OpenAI:
     return client(gateway.base_url, timeout=30)
 
 
-def _create(oa: openai.OpenAI, **params: Any) -> dict[str, Any]:
-    data: dict[str, Any] = oa.responses.with_raw_response.create(**params).http_response.json()
-    validate("Response", data)
-    return data
 
 
-def _events(oa: openai.OpenAI, **params: Any) -> list[dict[str, Any]]:
-    """A stream's events as sent, each validated; ``event:`` lines must name the type of their data."""
-    events: list[dict[str, Any]] = []
-    kind = None
-    with oa.responses.with_streaming_response.create(stream=True, **params) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                event = json.loads(line[6:])
-                assert event["type"] == kind
-                validate("ResponseStreamEvent", event)
-                events.append(event)
-            else:
-                assert line == "", line
-    assert [e["sequence_number"] for e in events] == list(range(len(events)))
-    return events
 
 
 def _script_input(*rounds: list[dict[str, Any]]) -> str:
     return json.dumps({"rounds": list(rounds)})
 
 
-def _texts(response: dict[str, Any]) -> str:
-    return "".join(part["text"] for item in response["output"] if item["type"] == "message"
-                   for part in item["content"] if part["type"] == "output_text")
 
 
 # ---- the translation onto Chat Completions -----------------------------------------------------------
 
 
 def test_a_response_is_a_chat_call_underneath(oa: openai.OpenAI, provider: FakeProvider) -> None:
-    data = _create(oa, model="chat-model", instructions="Be brief.", input="hello responses",
+    data = created_response(oa, model="chat-model", instructions="Be brief.", input="hello responses",
                    max_output_tokens=50, temperature=0.5, metadata={"team": "a"}, user="u-1",
                    text={"format": {"type": "json_schema", "name": "reply", "strict": True,
                                     "schema": {"type": "object", "properties": {}}}})
     assert data["model"] == "chat-model" and data["status"] == "completed" and data["object"] == "response"
     assert data["metadata"] == {"team": "a"} and data["instructions"] == "Be brief."
-    assert _texts(data) == "echo: hello responses"
+    assert output_text(data) == "echo: hello responses"
     assert data["usage"]["input_tokens"] > 0 and data["usage"]["output_tokens"] == 3
     sent = provider.last_request
     assert sent.path == "/v1/chat/completions"
@@ -124,7 +99,7 @@ def test_a_response_is_a_chat_call_underneath(oa: openai.OpenAI, provider: FakeP
 
 
 def test_input_items_of_every_kind_become_chat_messages(oa: openai.OpenAI, provider: FakeProvider) -> None:
-    _create(oa, model="chat-model", input=[
+    created_response(oa, model="chat-model", input=[
         {"role": "developer", "content": "dev rules"},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "part one"},
                                                         {"type": "input_text", "text": "part two"}]},
@@ -149,7 +124,7 @@ def test_input_items_of_every_kind_become_chat_messages(oa: openai.OpenAI, provi
 
 
 def test_stream_events_follow_the_spec_and_match_the_stored_response(oa: openai.OpenAI) -> None:
-    events = _events(oa, model="words", input="count")
+    events = response_events(oa, model="words", input="count")
     kinds = [e["type"] for e in events]
     assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
                          "response.content_part.added"]
@@ -179,22 +154,22 @@ def test_the_official_stream_helper_rebuilds_the_response(oa: openai.OpenAI) -> 
 
 
 def test_max_output_tokens_gives_an_incomplete_response(oa: openai.OpenAI) -> None:
-    data = _create(oa, model="words", input="count", max_output_tokens=4)
+    data = created_response(oa, model="words", input="count", max_output_tokens=4)
     assert data["status"] == "incomplete" and data["incomplete_details"] == {"reason": "max_output_tokens"}
-    events = _events(oa, model="words", input="count", max_output_tokens=4)
+    events = response_events(oa, model="words", input="count", max_output_tokens=4)
     assert events[-1]["type"] == "response.incomplete"
     assert events[-1]["response"]["incomplete_details"] == {"reason": "max_output_tokens"}
 
 
 def test_a_function_tool_round_trip_through_previous_response_id(oa: openai.OpenAI, provider: FakeProvider) -> None:
-    first = _create(oa, model="scripted", tools=[WEATHER],
+    first = created_response(oa, model="scripted", tools=[WEATHER],
                     input=_script_input([{"name": "get_weather", "arguments": {"city": "Paris"}}]))
     calls = [item for item in first["output"] if item["type"] == "function_call"]
     assert len(calls) == 1 and calls[0]["name"] == "get_weather"
     assert json.loads(calls[0]["arguments"]) == {"city": "Paris"}
-    second = _create(oa, model="scripted", tools=[WEATHER], previous_response_id=first["id"],
+    second = created_response(oa, model="scripted", tools=[WEATHER], previous_response_id=first["id"],
                      input=[{"type": "function_call_output", "call_id": calls[0]["call_id"], "output": "sunny"}])
-    assert results(_texts(second)) == {calls[0]["call_id"]: "sunny"}
+    assert results(output_text(second)) == {calls[0]["call_id"]: "sunny"}
     # The stored input and output came first: the whole conversation reached the provider.
     roles = [m["role"] for m in provider.last_request.body["messages"]]
     assert roles == ["user", "assistant", "tool"]
@@ -207,7 +182,7 @@ def test_a_function_tool_round_trip_through_previous_response_id(oa: openai.Open
 
 
 def test_streamed_function_calls_have_argument_events(oa: openai.OpenAI) -> None:
-    events = _events(oa, model="scripted", tools=[WEATHER],
+    events = response_events(oa, model="scripted", tools=[WEATHER],
                      input=_script_input([{"name": "get_weather", "arguments": {"city": "Rome"}}]))
     added = [e for e in events if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call"]
     assert len(added) == 1
@@ -261,7 +236,7 @@ def test_provider_errors_keep_their_class(oa: openai.OpenAI) -> None:
 
 
 def test_a_stream_that_breaks_ends_with_response_failed(oa: openai.OpenAI) -> None:
-    events = _events(oa, model="breaks", input="hi")
+    events = response_events(oa, model="breaks", input="hi")
     assert events[-1]["type"] == "response.failed"
     failed = events[-1]["response"]
     assert failed["status"] == "failed" and failed["error"]["code"] == "server_error"
@@ -270,14 +245,14 @@ def test_a_stream_that_breaks_ends_with_response_failed(oa: openai.OpenAI) -> No
 
 
 def test_store_false_keeps_nothing(oa: openai.OpenAI) -> None:
-    data = _create(oa, model="chat-model", input="forget me", store=False)
+    data = created_response(oa, model="chat-model", input="forget me", store=False)
     assert data["store"] is False
     with pytest.raises(openai.NotFoundError):
         oa.responses.retrieve(data["id"])
 
 
 def test_delete(oa: openai.OpenAI, gateway: HeliosProcess) -> None:
-    data = _create(oa, model="chat-model", input="delete me")
+    data = created_response(oa, model="chat-model", input="delete me")
     answer = httpx2.delete(f"{gateway.base_url}/v1/responses/{data['id']}", timeout=10)
     assert answer.status_code == 200 and answer.json() == {"id": data["id"], "object": "response", "deleted": True}
     with pytest.raises(openai.NotFoundError):
@@ -297,7 +272,7 @@ def test_a_client_that_leaves_closes_the_provider_stream(oa: openai.OpenAI, prov
 
 
 def test_background_runs_after_answering_queued(oa: openai.OpenAI) -> None:
-    queued = _create(oa, model="words", input="count", background=True)
+    queued = created_response(oa, model="words", input="count", background=True)
     assert queued["status"] == "queued" and queued["background"] is True
 
     def finished() -> bool:
@@ -306,7 +281,7 @@ def test_background_runs_after_answering_queued(oa: openai.OpenAI) -> None:
     eventually(finished, what="the background response to complete")
     done = oa.responses.with_raw_response.retrieve(queued["id"]).http_response.json()
     validate("Response", done)
-    assert _texts(done) == " ".join(f"w{i}" for i in range(1, 13))
+    assert output_text(done) == " ".join(f"w{i}" for i in range(1, 13))
     # Its events can be read afterwards, from any point.
     with oa.responses.with_streaming_response.retrieve(queued["id"], stream=True) as replay:
         kinds = [json.loads(line[6:])["type"] for line in replay.iter_lines() if line.startswith("data: ")]
@@ -314,7 +289,7 @@ def test_background_runs_after_answering_queued(oa: openai.OpenAI) -> None:
 
 
 def test_cancel_stops_a_background_response(oa: openai.OpenAI, provider: FakeProvider) -> None:
-    queued = _create(oa, model="slow", input="hi", background=True)
+    queued = created_response(oa, model="slow", input="hi", background=True)
     eventually(lambda: oa.responses.retrieve(queued["id"]).status == "in_progress", what="in progress")
     eventually(lambda: len(provider.streams) == 1, what="the provider stream to start")
     cancelled = oa.responses.cancel(queued["id"])
@@ -324,13 +299,13 @@ def test_cancel_stops_a_background_response(oa: openai.OpenAI, provider: FakePro
     assert oa.responses.retrieve(queued["id"]).status == "cancelled"
     # Cancelling again changes nothing; a response that was not in the background cannot be cancelled.
     assert oa.responses.cancel(queued["id"]).status == "cancelled"
-    plain = _create(oa, model="chat-model", input="hi")
+    plain = created_response(oa, model="chat-model", input="hi")
     with pytest.raises(openai.BadRequestError):
         oa.responses.cancel(plain["id"])
 
 
 def test_a_background_stream_can_be_followed_while_it_runs(oa: openai.OpenAI) -> None:
-    events = _events(oa, model="words", input="count", background=True)
+    events = response_events(oa, model="words", input="count", background=True)
     assert events[0]["response"]["background"] is True and events[-1]["type"] == "response.completed"
     response_id = events[0]["response"]["id"]
     with oa.responses.with_streaming_response.retrieve(response_id, stream=True, starting_after=3) as replay:
@@ -343,7 +318,7 @@ def test_a_background_stream_can_be_followed_while_it_runs(oa: openai.OpenAI) ->
 
 
 def test_an_agent_shows_its_tool_calls_as_items(oa: openai.OpenAI) -> None:
-    data = _create(oa, model="agent", input=_script_input(
+    data = created_response(oa, model="agent", input=_script_input(
         [calc("6 * 7"), {"name": "add", "arguments": {"a": 2, "b": 3}}]))
     kinds = [item["type"] for item in data["output"]]
     assert kinds == ["mcp_call", "mcp_call", "message"], kinds
@@ -352,14 +327,15 @@ def test_an_agent_shows_its_tool_calls_as_items(oa: openai.OpenAI) -> None:
     assert json.loads(builtin["arguments"]) == {"expression": "6 * 7"} and builtin["output"] == "42"
     assert mcp["server_label"] == "files" and mcp["name"] == "add" and mcp["output"] == "5" and mcp["error"] is None
     assert builtin["status"] == mcp["status"] == "completed"
-    quoted = results(_texts(data))
+    quoted = results(output_text(data))
     assert sorted(quoted.values()) == ["42", "5"]
     # The steps are items, not reasoning text.
     assert not any(item["type"] == "reasoning" for item in data["output"])
 
 
 def test_an_agent_streams_its_tool_calls_as_item_events(oa: openai.OpenAI) -> None:
-    events = _events(oa, model="agent", input=_script_input([calc("1 + 1")], [{"name": "fail", "arguments": {}}]))
+    events = response_events(oa, model="agent",
+                             input=_script_input([calc("1 + 1")], [{"name": "fail", "arguments": {}}]))
     kinds = [e["type"] for e in events]
     assert kinds.count("response.mcp_call.in_progress") == 2 and "response.mcp_call.failed" in kinds
     assert kinds.count("response.mcp_call.completed") == 1
@@ -390,8 +366,8 @@ def test_the_agents_sdk_runs_against_a_helios_agent(gateway: HeliosProcess) -> N
 
 
 def test_an_agent_conversation_continues_with_its_tool_items(oa: openai.OpenAI, provider: FakeProvider) -> None:
-    first = _create(oa, model="agent", input=_script_input([calc("2 + 2")]))
-    _create(oa, model="agent", previous_response_id=first["id"], input="thanks")
+    first = created_response(oa, model="agent", input=_script_input([calc("2 + 2")]))
+    created_response(oa, model="agent", previous_response_id=first["id"], input="thanks")
     messages = provider.last_request.body["messages"]
     # The earlier server-side round reached the model again: assistant call, tool result, answer, new question.
     roles = [m["role"] for m in messages]
@@ -411,21 +387,21 @@ def test_openai_itself_is_relayed_natively_by_default() -> None:
 
 
 def test_a_native_provider_gets_the_request_as_sent(oa: openai.OpenAI, provider: FakeProvider) -> None:
-    data = _create(oa, model="native", input="hello native", instructions="Be brief.", metadata={"k": "v"})
+    data = created_response(oa, model="native", input="hello native", instructions="Be brief.", metadata={"k": "v"})
     sent = provider.last_request
     assert sent.path == "/v1/responses" and sent.body["model"] == "gpt-4o"
     assert sent.body["input"] == "hello native" and sent.body["metadata"] == {"k": "v"}
-    assert data["model"] == "native" and _texts(data) == "echo: hello native"
+    assert data["model"] == "native" and output_text(data) == "echo: hello native"
     # The provider's ids are kept, so the provider can continue its own conversation.
     assert data["id"] in provider.stored_responses
     assert oa.responses.retrieve(data["id"]).output_text == "echo: hello native"
-    follow = _create(oa, model="native", input="again", previous_response_id=data["id"])
+    follow = created_response(oa, model="native", input="again", previous_response_id=data["id"])
     assert provider.last_request.body["previous_response_id"] == data["id"]
-    assert _texts(follow) == "echo: again"
+    assert output_text(follow) == "echo: again"
 
 
 def test_a_native_stream_is_relayed_with_our_model_name(oa: openai.OpenAI) -> None:
-    events = _events(oa, model="native-words", input="count")
+    events = response_events(oa, model="native-words", input="count")
     assert events[-1]["type"] == "response.completed"
     assert all(e["response"]["model"] == "native-words" for e in events if "response" in e)
     deltas = [e["delta"] for e in events if e["type"] == "response.output_text.delta"]
@@ -439,13 +415,13 @@ def test_a_native_stream_is_relayed_with_our_model_name(oa: openai.OpenAI) -> No
 
 
 def test_a_conversation_moves_from_a_chat_model_to_a_native_one(oa: openai.OpenAI, provider: FakeProvider) -> None:
-    first = _create(oa, model="chat-model", input="first turn")
-    second = _create(oa, model="native", input="second turn", previous_response_id=first["id"])
+    first = created_response(oa, model="chat-model", input="first turn")
+    second = created_response(oa, model="native", input="second turn", previous_response_id=first["id"])
     sent = provider.last_request.body
     # The native provider never saw the first turn, so it gets the whole conversation instead of the id.
     assert "previous_response_id" not in sent
     assert [item.get("role") for item in sent["input"]] == ["user", "assistant", "user"]
-    assert _texts(second) == "echo: second turn"
+    assert output_text(second) == "echo: second turn"
 
 
 def test_native_failures(oa: openai.OpenAI) -> None:
@@ -454,15 +430,15 @@ def test_native_failures(oa: openai.OpenAI) -> None:
     with pytest.raises(openai.APIStatusError) as caught:
         oa.responses.create(model="native-error-first", input="hi", stream=True)
     assert caught.value.status_code == 502
-    events = _events(oa, model="native-breaks", input="hi")
+    events = response_events(oa, model="native-breaks", input="hi")
     assert events[-1]["type"] == "error"
     assert not any(e["type"] == "response.completed" for e in events)
 
 
 def test_a_native_background_response_is_kept_under_our_id(oa: openai.OpenAI, provider: FakeProvider) -> None:
-    queued = _create(oa, model="native-words", input="count", background=True)
+    queued = created_response(oa, model="native-words", input="count", background=True)
     eventually(lambda: oa.responses.retrieve(queued["id"]).status == "completed", what="completion")
     done = oa.responses.with_raw_response.retrieve(queued["id"]).http_response.json()
-    assert done["id"] == queued["id"] and done["background"] is True and len(_texts(done).split()) == 30
+    assert done["id"] == queued["id"] and done["background"] is True and len(output_text(done).split()) == 30
     # The provider was asked for a stream, not a background job: ours can be followed and cancelled.
     assert "background" not in provider.last_request.body and provider.last_request.body["stream"] is True

@@ -23,7 +23,7 @@ import openai
 import pytest
 from openai import AsyncOpenAI
 
-from tests.e2e.gateway import client, eventually
+from tests.e2e.gateway import client, created_response, eventually, output_text, response_events
 from tests.support.engine import ENGINE_SETTINGS, engine_env
 from tests.support.openapi import validate
 from tests.support.server import HeliosProcess
@@ -66,35 +66,10 @@ def oa(gateway: HeliosProcess) -> openai.OpenAI:
     return client(gateway.base_url, timeout=120)
 
 
-def _create(oa: openai.OpenAI, **params: Any) -> dict[str, Any]:
-    data: dict[str, Any] = oa.responses.with_raw_response.create(**params).http_response.json()
-    validate("Response", data)
-    return data
 
 
-def _events(oa: openai.OpenAI, **params: Any) -> list[dict[str, Any]]:
-    """A stream's events as sent, each validated; ``event:`` lines name the type of their data."""
-    events: list[dict[str, Any]] = []
-    kind = None
-    with oa.responses.with_streaming_response.create(stream=True, **params) as response:
-        assert response.headers["content-type"].startswith("text/event-stream")
-        for line in response.iter_lines():
-            if line.startswith("event: "):
-                kind = line[7:]
-            elif line.startswith("data: "):
-                event = json.loads(line[6:])
-                assert event["type"] == kind, (kind, event)
-                validate("ResponseStreamEvent", event)
-                events.append(event)
-            else:
-                assert line == "", f"unexpected SSE line {line!r}"
-    assert [e["sequence_number"] for e in events] == list(range(len(events)))
-    return events
 
 
-def _texts(response: dict[str, Any]) -> str:
-    return "".join(part["text"] for item in response["output"] if item["type"] == "message"
-                   for part in item["content"] if part["type"] == "output_text")
 
 
 def _without_parsed(value: Any) -> Any:
@@ -120,7 +95,7 @@ def _sample(text: str, name: str, labels: str) -> float:
 
 
 def test_a_response_from_the_engine(oa: openai.OpenAI) -> None:
-    data = _create(oa, model=MODEL, input="Tell me about the weather.", extra_body=short_answer(4, 1))
+    data = created_response(oa, model=MODEL, input="Tell me about the weather.", extra_body=short_answer(4, 1))
     assert data["object"] == "response" and data["model"] == MODEL and data["status"] == "completed"
     assert data["id"].startswith("resp_") and data["completed_at"] and data["incomplete_details"] is None
     [item] = data["output"]
@@ -138,18 +113,18 @@ def test_a_response_from_the_engine(oa: openai.OpenAI) -> None:
 
 def test_max_output_tokens_makes_an_incomplete_response(oa: openai.OpenAI) -> None:
     # ignore_eos (vLLM's extra) makes the length exact: the random model might otherwise stop at any token.
-    data = _create(oa, model=MODEL, input="Tell me about the weather.", max_output_tokens=5,
+    data = created_response(oa, model=MODEL, input="Tell me about the weather.", max_output_tokens=5,
                    extra_body={"ignore_eos": True})
     assert data["status"] == "incomplete" and data["incomplete_details"] == {"reason": "max_output_tokens"}
     assert data["completed_at"] is None and data["max_output_tokens"] == 5
-    assert _texts(data) and data["output"][0]["type"] == "message"
+    assert output_text(data) and data["output"][0]["type"] == "message"
     assert data["usage"]["output_tokens"] == 5 and data["usage"]["input_tokens"] > 0
 
 
 def test_stream_events_in_order_and_the_stored_response(oa: openai.OpenAI) -> None:
     params: dict[str, Any] = dict(model=MODEL, input="Tell me about the weather.", max_output_tokens=40,
                                   extra_body=short_answer(8, 3))
-    events = _events(oa, **params)
+    events = response_events(oa, **params)
     kinds = [e["type"] for e in events]
     deltas = [e for e in events if e["type"] == "response.output_text.delta"]
     assert deltas
@@ -167,7 +142,7 @@ def test_stream_events_in_order_and_the_stored_response(oa: openai.OpenAI) -> No
     text = "".join(e["delta"] for e in deltas)
     assert text and events[-4]["text"] == text and events[-3]["part"]["text"] == text
     assert events[-2]["item"] == completed["output"][0]
-    assert completed["output"][0]["id"] == item_id and _texts(completed) == text
+    assert completed["output"][0]["id"] == item_id and output_text(completed) == text
     assert completed["status"] == "completed" and completed["usage"]["output_tokens"] > 0
     assert completed["usage"]["input_tokens"] > 0
     stored = oa.responses.with_raw_response.retrieve(completed["id"]).http_response.json()
@@ -190,14 +165,14 @@ def test_stream_events_in_order_and_the_stored_response(oa: openai.OpenAI) -> No
 def test_logprobs_of_the_output_text(oa: openai.OpenAI) -> None:
     params: dict[str, Any] = dict(model=MODEL, input="Tell me about the weather.", top_logprobs=2,
                                   include=["message.output_text.logprobs"], extra_body=short_answer(4, 5))
-    data = _create(oa, **params)  # the spec's LogProb needs "bytes", in each entry and each alternative
+    data = created_response(oa, **params)  # the spec's LogProb needs "bytes", in each entry and each alternative
     [part] = data["output"][0]["content"]
     logprobs = part["logprobs"]
     assert logprobs and all(len(entry["top_logprobs"]) == 2 for entry in logprobs)
     assert all(bytes(entry["bytes"]).decode(errors="replace") == entry["token"] for entry in logprobs
                if entry["token"].isascii())
     assert data["top_logprobs"] == 2
-    events = _events(oa, **params)
+    events = response_events(oa, **params)
     streamed = [lp for e in events if e["type"] == "response.output_text.delta" for lp in e["logprobs"]]
     assert streamed == events[-1]["response"]["output"][0]["content"][0]["logprobs"] == logprobs, "one seed"
 
@@ -212,23 +187,24 @@ def test_n_is_refused_by_name(oa: openai.OpenAI) -> None:
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_a_json_schema_text_format_constrains_the_answer(oa: openai.OpenAI, seed: int) -> None:
-    data = _create(oa, model=MODEL, input="How do you feel?", text=MOOD_FORMAT, max_output_tokens=60,
+    data = created_response(oa, model=MODEL, input="How do you feel?", text=MOOD_FORMAT, max_output_tokens=60,
                    extra_body={"seed": seed})
     assert data["status"] == "completed", data
     assert data["text"]["format"] == MOOD_FORMAT["format"]
-    jsonschema.validate(json.loads(_texts(data)), MOOD)
+    jsonschema.validate(json.loads(output_text(data)), MOOD)
     # Streamed, the text put together from the deltas is the same kind of JSON.
-    events = _events(oa, model=MODEL, input="How do you feel?", text=MOOD_FORMAT, max_output_tokens=60,
+    events = response_events(oa, model=MODEL, input="How do you feel?", text=MOOD_FORMAT, max_output_tokens=60,
                      extra_body={"seed": seed})
     assert events[-1]["type"] == "response.completed"
     streamed = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
     jsonschema.validate(json.loads(streamed), MOOD)
-    assert streamed == _texts(data), "one seed, one answer"
+    assert streamed == output_text(data), "one seed, one answer"
 
 
 def test_a_required_function_call_then_its_output_via_previous_response_id(oa: openai.OpenAI) -> None:
-    first = _create(oa, model=MODEL, input="What time is it in Berlin?", tools=[TIME_TOOL], tool_choice="required",
-                    parallel_tool_calls=False, max_output_tokens=200, extra_body={"seed": 1})
+    first = created_response(oa, model=MODEL, input="What time is it in Berlin?", tools=[TIME_TOOL],
+                             tool_choice="required", parallel_tool_calls=False, max_output_tokens=200,
+                             extra_body={"seed": 1})
     assert first["status"] == "completed" and first["tool_choice"] == "required"
     assert first["tools"] == [{**TIME_TOOL}]
     [call] = first["output"]
@@ -236,12 +212,12 @@ def test_a_required_function_call_then_its_output_via_previous_response_id(oa: o
     assert call["id"].startswith("fc_") and re.fullmatch(r"call_[0-9a-f]{24}", call["call_id"]), call
     jsonschema.validate(json.loads(call["arguments"]), TIME)
 
-    second = _create(oa, model=MODEL, previous_response_id=first["id"], tools=[TIME_TOOL],
+    second = created_response(oa, model=MODEL, previous_response_id=first["id"], tools=[TIME_TOOL],
                      input=[{"type": "function_call_output", "call_id": call["call_id"], "output": "12:00"}],
                      max_output_tokens=40, extra_body=short_answer(4, 2))
     assert second["status"] == "completed" and second["previous_response_id"] == first["id"]
     [answer] = second["output"]
-    assert answer["type"] == "message" and _texts(second)
+    assert answer["type"] == "message" and output_text(second)
     # The whole conversation reached the model: more prompt than the first turn had.
     assert second["usage"]["input_tokens"] > first["usage"]["input_tokens"]
     items = oa.responses.input_items.list(second["id"], order="asc").data

@@ -61,19 +61,19 @@ class PrometheusTools:
     promtool: str
 
 
-def _prometheus_pids() -> set[int]:
-    """PIDs of running processes whose command name is ``prometheus``."""
+def pids_named(name: str) -> set[int]:
+    """PIDs of running processes whose command name is ``name`` (a package's post-install may start one)."""
     pids: set[int] = set()
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            if (entry / "comm").read_text().strip() == "prometheus":
+            if (entry / "comm").read_text().strip() == name:
                 pids.add(int(entry.name))
     return pids
 
 
-def _kill(pid: int, timeout: float = 10.0) -> None:
+def kill_pid(pid: int, timeout: float = 10.0) -> None:
     """SIGTERM one PID, SIGKILL it if it outlives ``timeout``."""
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
@@ -98,7 +98,7 @@ def ensure_prometheus() -> PrometheusTools:
         return found
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         raise PrometheusUnavailable("prometheus/promtool not installed, and apt-get as root is not available")
-    before = _prometheus_pids()
+    before = pids_named("prometheus")
     env = {**os.environ, **_APT_ENV}
     try:
         subprocess.run(["apt-get", *_APT_LOCK, "update"], env=env, check=True, capture_output=True,
@@ -111,8 +111,8 @@ def ensure_prometheus() -> PrometheusTools:
         raise PrometheusUnavailable(f"apt-get failed: {exc.stderr.decode(errors='replace')[-2000:]}") from exc
     finally:
         # The postinst may start the packaged service (no policy-rc.d outside Docker): stop exactly those.
-        for pid in _prometheus_pids() - before:
-            _kill(pid)
+        for pid in pids_named("prometheus") - before:
+            kill_pid(pid)
     found = _which()
     if found is None:
         raise PrometheusUnavailable("the prometheus package installed, but prometheus/promtool are not on PATH")

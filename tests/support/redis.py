@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
+from tests.support.prometheus import kill_pid, pids_named
 from tests.support.server import free_port
 
 __all__ = ["RedisError", "RedisServer", "RedisUnavailable", "ensure_redis"]
@@ -36,31 +37,6 @@ class RedisError(RuntimeError):
     """The server failed to start."""
 
 
-def _redis_pids() -> set[int]:
-    """PIDs of running processes whose command name is ``redis-server``."""
-    pids: set[int] = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        with contextlib.suppress(OSError):
-            if (entry / "comm").read_text().strip() == "redis-server":
-                pids.add(int(entry.name))
-    return pids
-
-
-def _kill(pid: int, timeout: float = 10.0) -> None:
-    """SIGTERM one PID, SIGKILL it if it outlives ``timeout``."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            return
-        time.sleep(0.1)
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
-
-
 def _which() -> Path | None:
     # Debian puts it in /usr/bin, but a PATH without it should not trigger a reinstall.
     found = shutil.which("redis-server") or shutil.which("redis-server", path="/usr/local/bin:/usr/bin:/usr/sbin")
@@ -74,7 +50,7 @@ def ensure_redis() -> Path:
         return found
     if shutil.which("apt-get") is None or os.geteuid() != 0:
         raise RedisUnavailable("redis-server not installed, and apt-get as root is not available")
-    before = _redis_pids()
+    before = pids_named("redis-server")
     env = {**os.environ, **_APT_ENV}
     try:
         subprocess.run(["apt-get", *_APT_LOCK, "update"], env=env, check=True, capture_output=True,
@@ -87,8 +63,8 @@ def ensure_redis() -> Path:
         raise RedisUnavailable(f"apt-get failed: {exc.stderr.decode(errors='replace')[-2000:]}") from exc
     finally:
         # The postinst may start the packaged service on 6379 (no policy-rc.d outside Docker): stop exactly those.
-        for pid in _redis_pids() - before:
-            _kill(pid)
+        for pid in pids_named("redis-server") - before:
+            kill_pid(pid)
     found = _which()
     if found is None:
         raise RedisUnavailable("the redis-server package installed, but redis-server is not on PATH")
