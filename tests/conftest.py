@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tests.support.engine import demo_model_dir  # noqa: F401
+from tests.support.engine import demo_model_dir, engine_gateway  # noqa: F401
 from tests.support.fixtures import fake_provider, helios, provider  # noqa: F401
 from tests.support.lora import demo_lora_dir  # noqa: F401
 from tests.support.prometheus import PrometheusTools, PrometheusUnavailable, ensure_prometheus

@@ -9,22 +9,8 @@ from typing import Any
 
 import openai
 
-from tests.support.fake_provider import FakeProvider
 from tests.support.openapi import validate
 from tests.support.server import HeliosProcess
-
-
-def remote_model(provider: FakeProvider, name: str, upstream: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "name": name,
-        "backend": "openai",
-        "base_url": provider.base_url,
-        "api_key": "sk-upstream-secret",
-        "upstream_model": upstream,
-        "max_retries": 0,
-        "timeout": 10,
-        **extra,
-    }
 
 
 def client(base_url: str, api_key: str = "unused", **kwargs: Any) -> openai.OpenAI:

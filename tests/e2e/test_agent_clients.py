@@ -15,8 +15,7 @@ from langchain_openai import ChatOpenAI
 from openai import AsyncOpenAI
 
 from tests.e2e.agents_support import calc, results, script
-from tests.e2e.gateway import remote_model
-from tests.support.fake_provider import FakeProvider
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.server import HeliosProcess
 
 AGENT = "client-helper"

@@ -19,8 +19,8 @@ import openai
 import pytest
 
 from tests.e2e.agents_support import calc, results, script
-from tests.e2e.gateway import client, remote_model, stream_payloads, validated_chunks
-from tests.support.fake_provider import FakeProvider
+from tests.e2e.gateway import client, stream_payloads, validated_chunks
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.openapi import validate
 from tests.support.server import HeliosProcess
 

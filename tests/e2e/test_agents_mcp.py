@@ -14,8 +14,8 @@ import openai
 import pytest
 
 from tests.e2e.agents_support import results, script
-from tests.e2e.gateway import client, eventually, remote_model
-from tests.support.fake_provider import FakeProvider
+from tests.e2e.gateway import client, eventually
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.mcp_servers import CANCEL_LOG, SERVER_MODULE, HttpServer
 from tests.support.server import REPO_ROOT, HeliosProcess, run_cli
 

@@ -12,8 +12,8 @@ import httpx2
 import openai
 import pytest
 
-from tests.e2e.gateway import client, eventually, remote_model, stream_payloads, validated_chunks
-from tests.support.fake_provider import FakeProvider
+from tests.e2e.gateway import client, eventually, stream_payloads, validated_chunks
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.fixtures import HeliosFactory
 from tests.support.forward_proxy import ForwardProxy
 from tests.support.openapi import validate

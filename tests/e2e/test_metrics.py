@@ -11,8 +11,8 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.gateway import client, remote_model, stream_payloads
-from tests.support.fake_provider import FakeProvider
+from tests.e2e.gateway import client, stream_payloads
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.fixtures import HeliosFactory
 from tests.support.server import free_port
 

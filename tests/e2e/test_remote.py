@@ -12,8 +12,8 @@ import httpx2
 import openai
 import pytest
 
-from tests.e2e.gateway import client, remote_model, stream_payloads, validated_chunks, wait_for_log
-from tests.support.fake_provider import FakeProvider
+from tests.e2e.gateway import client, stream_payloads, validated_chunks, wait_for_log
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.openapi import COMPLETION_STREAM_SCHEMA, validate
 from tests.support.server import HeliosProcess, free_port
 

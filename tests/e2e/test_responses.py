@@ -17,8 +17,8 @@ import pytest
 
 from app.settings import OpenAIModelSettings
 from tests.e2e.agents_support import calc, results
-from tests.e2e.gateway import client, created_response, eventually, output_text, remote_model, response_events
-from tests.support.fake_provider import FakeProvider
+from tests.e2e.gateway import client, created_response, eventually, output_text, response_events
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.mcp_servers import SERVER_MODULE
 from tests.support.openapi import validate
 from tests.support.server import REPO_ROOT, HeliosProcess

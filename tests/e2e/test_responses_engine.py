@@ -1,6 +1,6 @@
 """/v1/responses on the embedded engine (real vLLM on the CPU, the tiny demo model), translated onto chat.
 
-One appliance with one engine serves the whole module: the demo model with vLLM's hermes tool parser, so
+The session's shared engine appliance serves it: the demo model with vLLM's hermes tool parser, so
 ``tool_choice`` "required" (forced calls) and "auto" (what the Agents SDK sends after a call) both work.
 The model has random weights and rarely emits EOS by itself, so where a test needs a finished answer it makes
 one: ``min_tokens`` plus a logit bias towards EOS gives a short answer ending with ``stop``, and a seed makes it
@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 import agents
@@ -24,11 +22,11 @@ import pytest
 from openai import AsyncOpenAI
 
 from tests.e2e.gateway import client, created_response, eventually, output_text, response_events
-from tests.support.engine import ENGINE_SETTINGS, engine_env
+from tests.support.engine import HERMES
 from tests.support.openapi import validate
 from tests.support.server import HeliosProcess
 
-MODEL = "tiny-hermes"
+MODEL = HERMES
 EOS = 2  # the demo model's </s> (app.demo_model: pad=0, bos=1, eos=2)
 
 
@@ -48,17 +46,8 @@ MOOD_FORMAT = {"format": {"type": "json_schema", "name": "mood", "schema": MOOD,
 
 
 @pytest.fixture(scope="module")
-def gateway(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeliosProcess]:
-    scratch = tmp_path_factory.mktemp("responses-engine")
-    # Tool schemas take prompt tokens; leave room for the answer.
-    config = {"models": [{**ENGINE_SETTINGS, "name": MODEL, "model": str(demo_model_dir), "max_model_len": 1024,
-                          "tool_call_parser": "hermes", "enable_auto_tool_choice": True}]}
-    process = HeliosProcess(config, engine_env(scratch), workdir=scratch)
-    try:
-        process.start(wait_ready=True, timeout=420)
-        yield process
-    finally:
-        process.close()
+def gateway(engine_gateway: HeliosProcess) -> HeliosProcess:
+    return engine_gateway
 
 
 @pytest.fixture()

@@ -20,8 +20,8 @@ import httpx2
 import openai
 import pytest
 
-from tests.e2e.gateway import client, eventually, remote_model, wait_for_log
-from tests.support.fake_provider import SLOW_CHUNKS_LENGTH, FakeProvider
+from tests.e2e.gateway import client, eventually, wait_for_log
+from tests.support.fake_provider import SLOW_CHUNKS_LENGTH, FakeProvider, remote_model
 from tests.support.openapi import validate
 from tests.support.redis import RedisServer
 from tests.support.server import HeliosProcess

@@ -17,8 +17,8 @@ import httpx2
 import openai
 import pytest
 
-from tests.e2e.gateway import client, remote_model
-from tests.support.fake_provider import FakeProvider
+from tests.e2e.gateway import client
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.server import HeliosProcess
 
 USER = [{"role": "user", "content": "route me"}]

@@ -15,9 +15,9 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.gateway import client, eventually, remote_model, validated_chunks
+from tests.e2e.gateway import client, eventually, validated_chunks
 from tests.support.engine import ENGINE_SETTINGS, engine_env
-from tests.support.fake_provider import FakeProvider
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.server import HeliosProcess
 
 LOCAL, REMOTE, POOL, LOCAL_ONLY, LOCAL_FALLBACK = "local", "remote", "pool", "local-only", "local-fallback"

@@ -15,8 +15,8 @@ import httpx2
 import openai
 import pytest
 
-from tests.e2e.gateway import client, eventually, remote_model
-from tests.support.fake_provider import FakeProvider, Fault
+from tests.e2e.gateway import client, eventually
+from tests.support.fake_provider import FakeProvider, Fault, remote_model
 from tests.support.server import HeliosProcess
 
 USER = [{"role": "user", "content": "route me"}]

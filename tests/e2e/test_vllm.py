@@ -15,9 +15,9 @@ import jsonschema
 import openai
 import pytest
 
-from tests.e2e.gateway import client, eventually, remote_model, stream_payloads, validated_chunks, wait_for_log
+from tests.e2e.gateway import client, eventually, stream_payloads, validated_chunks, wait_for_log
 from tests.support.engine import ENGINE_SETTINGS, engine_env
-from tests.support.fake_provider import FakeProvider
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.openapi import COMPLETION_STREAM_SCHEMA, validate
 from tests.support.server import HeliosProcess, run_cli
 

@@ -11,7 +11,6 @@ import base64
 import json
 import re
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +20,9 @@ import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from tests.e2e.gateway import client, stream_payloads, validated_chunks
-from tests.support.engine import ENGINE_SETTINGS, engine_env
+from tests.support.engine import AGENT, EMBED, ENGINE_SETTINGS, HERMES, PLAIN, THINK, engine_env
 from tests.support.openapi import validate
 from tests.support.server import HeliosProcess, run_cli
-
-PLAIN = "tiny"  # no parser: required and named tool choices only
-HERMES = "tiny-hermes"  # tool_call_parser = hermes, auto tool choice
-THINK = "tiny-think"  # reasoning_parser = deepseek_r1 with hermes
-EMBED = "tiny-embed"  # runner = pooling, convert = embed
-AGENT = "tiny-agent"  # an agent over PLAIN with the calculator and clock
 
 USER = [{"role": "user", "content": "What is the weather in Paris, and what time is it there?"}]
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
@@ -47,29 +40,8 @@ HERMES_CALL = r'<tool_call>\{"name": "get_weather", "arguments": \{"city": "[a-z
 
 
 @pytest.fixture(scope="module")
-def gateway(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeliosProcess]:
-    scratch = tmp_path_factory.mktemp("vllm-tools")
-    # Tool schemas take ~300 prompt tokens; leave room for the answer.
-    model = {**ENGINE_SETTINGS, "model": str(demo_model_dir), "max_model_len": 1024}
-    config = {
-        "models": [
-            {**model, "name": PLAIN},
-            {**model, "name": HERMES, "tool_call_parser": "hermes", "enable_auto_tool_choice": True},
-            {**model, "name": THINK, "tool_call_parser": "hermes", "enable_auto_tool_choice": True,
-             "reasoning_parser": "deepseek_r1",
-             # The test's regex shapes the thinking too, so the constraint must apply inside it.
-             "structured_outputs": {**ENGINE_SETTINGS["structured_outputs"], "enable_in_reasoning": True}},
-            {**model, "name": EMBED, "runner": "pooling", "convert": "embed"},
-        ],
-        "agents": [{"name": AGENT, "model": PLAIN, "tools": ["calculator", "current_time"], "max_steps": 2,
-                    "max_tokens": 120, "system_prompt": "Use the tools."}],
-    }
-    process = HeliosProcess(config, engine_env(scratch), workdir=scratch)
-    try:
-        process.start(wait_ready=True, timeout=420)
-        yield process
-    finally:
-        process.close()
+def gateway(engine_gateway: HeliosProcess) -> HeliosProcess:
+    return engine_gateway
 
 
 @pytest.fixture(scope="module")

@@ -22,10 +22,10 @@ import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
 from tests.e2e.agents_support import calc, results, script
-from tests.e2e.gateway import client, remote_model
+from tests.e2e.gateway import client
 from tests.observability.dashboard import ALERTS, PanelQuery, load_dashboard, panel_queries, substitute
 from tests.support.engine import engine_env
-from tests.support.fake_provider import FakeProvider
+from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.fixtures import HeliosFactory
 from tests.support.prometheus import PrometheusServer, PrometheusTools, promtool
 from tests.support.server import HeliosProcess

@@ -1,4 +1,6 @@
-"""The embedded engine in tests: the tiny demo model, built once per session, and vLLM's environment."""
+"""The embedded engine in tests: the tiny demo model, built once per session, vLLM's environment, and one
+appliance with engines that every module without special engine settings shares (each engine start costs
+about a minute and a half on the CPU)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from tests.support.server import REPO_ROOT
+from tests.support.fake_provider import FakeProvider, remote_model
+from tests.support.server import REPO_ROOT, HeliosProcess
 
 ENGINE_SETTINGS: dict[str, Any] = {
     "backend": "vllm",
@@ -48,3 +51,44 @@ def demo_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     subprocess.run([sys.executable, "-m", "app.demo_model", "--output", str(output)], cwd=REPO_ROOT,
                    check=True, timeout=300, capture_output=True)
     yield output
+
+
+#: The shared appliance's served names.
+PLAIN = "tiny"  # no parser: required and named tool choices only
+HERMES = "tiny-hermes"  # tool_call_parser = hermes, auto tool choice
+THINK = "tiny-think"  # reasoning_parser = deepseek_r1 with hermes
+EMBED = "tiny-embed"  # runner = pooling, convert = embed
+AGENT = "tiny-agent"  # an agent over PLAIN with the calculator and clock
+REMOTE = "remote"  # the session's imitation provider, as gpt-4o
+
+
+@pytest.fixture(scope="session")
+def engine_gateway(
+    demo_model_dir: Path, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[HeliosProcess]:
+    """One appliance for the whole session: the demo model plain, with vLLM's hermes tool parser, with the
+    deepseek_r1 reasoning parser, as an embedding model, an agent over it, and a remote model. Tests using it
+    measure metrics as differences, since other modules' requests accumulate."""
+    scratch = tmp_path_factory.mktemp("engine-gateway")
+    # Tool schemas take ~300 prompt tokens; leave room for the answer.
+    model = {**ENGINE_SETTINGS, "model": str(demo_model_dir), "max_model_len": 1024}
+    config = {
+        "models": [
+            {**model, "name": PLAIN},
+            {**model, "name": HERMES, "tool_call_parser": "hermes", "enable_auto_tool_choice": True},
+            {**model, "name": THINK, "tool_call_parser": "hermes", "enable_auto_tool_choice": True,
+             "reasoning_parser": "deepseek_r1",
+             # Tests shape the thinking with a regex too, so the constraint must apply inside it.
+             "structured_outputs": {**ENGINE_SETTINGS["structured_outputs"], "enable_in_reasoning": True}},
+            {**model, "name": EMBED, "runner": "pooling", "convert": "embed"},
+            remote_model(fake_provider, REMOTE, "gpt-4o"),
+        ],
+        "agents": [{"name": AGENT, "model": PLAIN, "tools": ["calculator", "current_time"], "max_steps": 2,
+                    "max_tokens": 120, "system_prompt": "Use the tools."}],
+    }
+    process = HeliosProcess(config, engine_env(scratch), workdir=scratch)
+    try:
+        process.start(wait_ready=True, timeout=420)
+        yield process
+    finally:
+        process.close()

@@ -1718,3 +1718,17 @@ async def _flushed(request: web.Request) -> None:
             break
         await asyncio.sleep(0.005)
     await asyncio.sleep(0.01)
+
+
+def remote_model(provider: FakeProvider, name: str, upstream: str, **extra: Any) -> dict[str, Any]:
+    """An appliance model entry served by ``provider`` as ``upstream``."""
+    return {
+        "name": name,
+        "backend": "openai",
+        "base_url": provider.base_url,
+        "api_key": "sk-upstream-secret",
+        "upstream_model": upstream,
+        "max_retries": 0,
+        "timeout": 10,
+        **extra,
+    }
