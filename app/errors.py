@@ -109,7 +109,7 @@ _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 def _user_loc(loc: Sequence[int | str]) -> list[int | str]:
     return [
         p for p in loc
-        if isinstance(p, int) or not ("[" in p or "=" in p or p in _TYPE_NAMES)
+        if isinstance(p, int) or not ("[" in p or "=" in p or p in _TYPE_NAMES or p.startswith("constrained-"))
     ]
 
 

@@ -3,6 +3,11 @@
 Request models validate the raw JSON bytes (``model_validate_json``) and allow unknown fields, which are
 provider extras (``top_k``, ``min_p`` ...) that must reach the provider untouched. Response models are
 used by the embedded engine to build answers and by the OpenAPI document.
+
+The published ``/openapi.json`` is generated from these same models, so it must say what they accept: they are
+strict (JSON types as the schema states them: no ``"5"`` or ``5.0`` for an integer, no ``0`` for a boolean), and every
+cross-field rule of a ``model_validator`` is also written into the schema (``rules`` beside it), which
+tests/e2e/test_fuzz.py checks in both directions.
 """
 
 from __future__ import annotations
@@ -24,7 +29,21 @@ from pydantic import (
 class _Open(BaseModel):
     """A wire object that keeps fields we do not model (forward compatibility with the API)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+def rules(*clauses: dict[str, Any]) -> dict[str, Any]:
+    """A model's cross-field rules as JSON Schema, for ``json_schema_extra``: the published document then
+    refuses what the model's validator refuses."""
+    return {"allOf": list(clauses)}
+
+
+def when(condition: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """``if`` the listed properties are present and match ``condition``, ``then`` must hold."""
+    return {"if": {"properties": condition, "required": sorted(condition)}, "then": then}
+
+
+NOT_NULL: dict[str, Any] = {"not": {"type": "null"}}
 
 
 # ---- chat messages -------------------------------------------------------------------------------
@@ -94,6 +113,22 @@ class ToolCall(_Open):
 
 
 class ChatMessage(_Open):
+    """One message of the conversation. A ``tool`` message needs a ``tool_call_id``; ``system``, ``developer``,
+    ``user`` and ``tool`` messages need ``content``; an ``assistant`` message needs ``content``, ``tool_calls``
+    or ``function_call``."""
+
+    model_config = ConfigDict(json_schema_extra=rules(
+        when({"role": {"const": "tool"}},
+             {"required": ["tool_call_id"], "properties": {"tool_call_id": {"type": "string", "minLength": 1}}}),
+        when({"role": {"enum": ["system", "developer", "user", "tool"]}},
+             {"required": ["content"], "properties": {"content": NOT_NULL}}),
+        {"if": {"properties": {"role": {"const": "assistant"}, "content": {"type": "null"}}},
+         "then": {"anyOf": [
+             {"required": ["tool_calls"], "properties": {"tool_calls": {"type": "array", "minItems": 1}}},
+             {"required": ["function_call"], "properties": {"function_call": NOT_NULL}},
+         ]}},
+    ))
+
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -106,9 +141,8 @@ class ChatMessage(_Open):
             raise ValueError("messages with role 'tool' must have a 'tool_call_id'")
         if self.content is None and self.role in ("system", "developer", "user", "tool"):
             raise ValueError(f"messages with role '{self.role}' must have 'content'")
-        if self.role == "assistant" and self.content is None and not self.tool_calls and not getattr(
-            self, "function_call", None
-        ):
+        if self.role == "assistant" and self.content is None and not self.tool_calls and (
+            self.model_extra or {}).get("function_call") is None:
             raise ValueError("assistant messages need 'content' or 'tool_calls'")
         return self
 
@@ -145,6 +179,13 @@ class JSONSchemaFormat(_Open):
 
 
 class ResponseFormat(_Open):
+    """The answer's format; type ``json_schema`` needs ``json_schema``."""
+
+    model_config = ConfigDict(json_schema_extra=rules(
+        when({"type": {"const": "json_schema"}},
+             {"required": ["json_schema"], "properties": {"json_schema": NOT_NULL}}),
+    ))
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JSONSchemaFormat | None = None
 
@@ -161,9 +202,35 @@ class StreamOptions(_Open):
 
 # ---- requests ------------------------------------------------------------------------------------
 
-Stop = str | list[str]
+#: OpenAI's own limits where the engine's cost grows with the count (each stop string is searched for after
+#: every token, each bias is applied at every step); a provider with other limits still gets what it allows.
+MAX_STOP = 16
+MAX_LOGIT_BIAS = 1024
+#: vLLM refuses an empty stop string; OpenAI ignores one. Refused here, naming the field, for every model.
+_StopText = Annotated[str, Field(min_length=1)]
+Stop = _StopText | Annotated[list[_StopText], Field(max_length=MAX_STOP)]
 Temperature = Annotated[float, Field(ge=0, le=2)]
 Penalty = Annotated[float, Field(ge=-2, le=2)]
+_TOKEN_ID = r"^[0-9]{1,9}$"
+TokenId = Annotated[str, Field(pattern=_TOKEN_ID)]
+#: A seed as OpenAI takes it (a 64-bit signed integer); vLLM's samplers take no wider one.
+Seed = Annotated[int, Field(ge=-(2**63), le=2**63 - 1)]
+#: Beyond every context window (and below what a C integer holds): a larger count is surely a mistake.
+TokenCount = Annotated[int, Field(ge=1, le=2**31 - 1)]
+
+EXTRAS_DOC = (
+    "Fields not listed here are provider extras. A remote model's provider gets them as sent, and may refuse "
+    "them. An embedded model honours the vLLM extras top_k, min_p, repetition_penalty, min_tokens, ignore_eos, "
+    "stop_token_ids, skip_special_tokens, include_stop_str_in_output, structured_outputs (and, for chat, "
+    "chat_template_kwargs, include_reasoning and reasoning_effort), with the types and ranges vLLM takes, "
+    "ignores bookkeeping fields (user, metadata, store, service_tier, parallel_tool_calls, stream_options, "
+    "prompt_cache_key, safety_identifier), and refuses any other field with a 400 naming it. A model refuses "
+    "with a 400 what it cannot do: an embedded model a prompt and max_tokens beyond its context window (code "
+    "context_length_exceeded), token ids and logit_bias keys outside its vocabulary, more logprobs than it "
+    "keeps, echo, suffix, best_of other than n, top_p 0, n above 1 at temperature 0, content parts other than "
+    "text, a conversation its chat template cannot render, tools or tool_choice its parsers cannot serve; an "
+    "agent n other than 1 and tools named as its own."
+)
 
 
 class _GenerationRequest(_Open):
@@ -172,11 +239,14 @@ class _GenerationRequest(_Open):
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = None
     stop: Stop | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: TokenCount | None = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    logit_bias: dict[str, Annotated[float, Field(ge=-100, le=100)]] | None = None
-    seed: int | None = None
+    logit_bias: Annotated[dict[TokenId, Annotated[float, Field(ge=-100, le=100)]],
+                          # pydantic documents the key rule as patternProperties, which lets other keys by
+                          Field(max_length=MAX_LOGIT_BIAS, json_schema_extra={"propertyNames": {"pattern": _TOKEN_ID}})
+                          ] | None = None
+    seed: Seed | None = None
     user: str | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
@@ -187,8 +257,15 @@ class _GenerationRequest(_Open):
 
 
 class ChatCompletionRequest(_GenerationRequest):
+    __doc__ = ("A chat completion request. A positive 'top_logprobs' needs 'logprobs' true. " + EXTRAS_DOC)
+
+    model_config = ConfigDict(json_schema_extra=rules(
+        when({"top_logprobs": {"type": "integer", "minimum": 1}},
+             {"required": ["logprobs"], "properties": {"logprobs": {"const": True}}}),
+    ))
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: TokenCount | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
     tools: list[Tool] | None = None
@@ -203,23 +280,31 @@ class ChatCompletionRequest(_GenerationRequest):
         return self
 
 
-TokenIds = list[Annotated[int, Field(ge=0)]]
+TokenIds = list[Annotated[int, Field(ge=0, le=2**31 - 1)]]
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | list[str] | TokenIds | list[TokenIds]
+    __doc__ = "A text completion request. " + EXTRAS_DOC
+
+    prompt: str | Annotated[list[str], Field(min_length=1)] | Annotated[TokenIds, Field(min_length=1)] | Annotated[
+        list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)]
     suffix: str | None = None
     echo: bool | None = None
-    best_of: Annotated[int, Field(ge=1)] | None = None
+    best_of: Annotated[int, Field(ge=1, le=128)] | None = None
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
 
 
 class EmbeddingRequest(_Open):
+    """An embeddings request. Fields not listed here go to a remote model's provider as sent; an embedded
+    model ignores them. An embedded model refuses 'dimensions' unless the model was trained for it, token ids
+    outside its vocabulary and an input beyond its context window (code context_length_exceeded)."""
+
     model: str = Field(min_length=1)
-    input: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] | Annotated[
-        TokenIds, Field(min_length=1)] | Annotated[list[TokenIds], Field(min_length=1)]
+    input: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]], Field(
+        min_length=1)] | Annotated[TokenIds, Field(min_length=1)] | Annotated[
+        list[Annotated[TokenIds, Field(min_length=1)]], Field(min_length=1)]
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: Annotated[int, Field(ge=1)] | None = None
+    dimensions: Annotated[int, Field(ge=1, le=65536)] | None = None
     user: str | None = None
 
 

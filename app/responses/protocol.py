@@ -11,11 +11,20 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
-from app.protocol import FunctionDefinition
+from app.protocol import NOT_NULL, FunctionDefinition, TokenCount, rules, when
 
 
 class _Open(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+# The document names each model's schema by its class name, across both protocols: names here must not be
+# those of app.protocol's models (an InputAudio here once replaced the chat one in /openapi.json).
+
+
+def _none_of(names: frozenset[str]) -> dict[str, Any]:
+    """The schema of an "other" type: the tag routes the listed names to their own models, never here."""
+    return {"not": {"enum": sorted(names)}}
 
 
 # ---- content parts -------------------------------------------------------------------------------
@@ -56,18 +65,18 @@ class InputAudioData(_Open):
     format: str
 
 
-class InputAudio(_Open):
+class InputAudioPart(_Open):
     type: Literal["input_audio"]
     input_audio: InputAudioData
+
+
+_PART_TYPES = frozenset({"input_text", "output_text", "refusal", "input_image", "input_file", "input_audio"})
 
 
 class OtherPart(_Open):
     """A part type of OpenAI's API not modelled here: relayed to a native provider, refused by translation."""
 
-    type: str
-
-
-_PART_TYPES = frozenset({"input_text", "output_text", "refusal", "input_image", "input_file", "input_audio"})
+    type: str = Field(json_schema_extra=_none_of(_PART_TYPES))
 
 
 def _type_tag(value: Any) -> str | None:
@@ -83,7 +92,7 @@ ContentPart = Annotated[
     | Annotated[RefusalContent, Tag("type=refusal")]
     | Annotated[InputImage, Tag("type=input_image")]
     | Annotated[InputFile, Tag("type=input_file")]
-    | Annotated[InputAudio, Tag("type=input_audio")]
+    | Annotated[InputAudioPart, Tag("type=input_audio")]
     | Annotated[OtherPart, Tag("type=other")],
     Discriminator(_type_tag, custom_error_type="invalid_content_part",
                   custom_error_message="content parts need a string 'type'"),
@@ -137,13 +146,13 @@ class McpCallItem(_Open):
     error: Any = None
 
 
+_ITEM_TYPES = frozenset({"message", "function_call", "function_call_output", "reasoning", "mcp_call"})
+
+
 class OtherItem(_Open):
     """An item type of OpenAI's API not modelled here: relayed to a native provider, refused by translation."""
 
-    type: str
-
-
-_ITEM_TYPES = frozenset({"message", "function_call", "function_call_output", "reasoning", "mcp_call"})
+    type: str = Field(json_schema_extra=_none_of(_ITEM_TYPES))
 
 
 def _item_tag(value: Any) -> str | None:
@@ -181,6 +190,13 @@ class NamedFunctionChoice(_Open):
 
 
 class TextFormat(_Open):
+    """The answer's format; type ``json_schema`` needs ``name`` and ``schema``."""
+
+    model_config = ConfigDict(json_schema_extra=rules(
+        when({"type": {"const": "json_schema"}},
+             {"required": ["name", "schema"], "properties": {"name": NOT_NULL, "schema": NOT_NULL}}),
+    ))
+
     type: Literal["text", "json_object", "json_schema"]
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     schema_: dict[str, Any] | None = Field(None, alias="schema")
@@ -205,7 +221,7 @@ class ReasoningConfig(_Open):
     generate_summary: Literal["auto", "concise", "detailed"] | None = None
 
 
-class StreamOptions(_Open):
+class ResponseStreamOptions(_Open):
     include_obfuscation: bool | None = None
 
 
@@ -216,16 +232,35 @@ Include = Literal[
 ]
 
 
+#: What the document says a tool is: a function tool as FunctionTool has it, or another type of OpenAI's.
+_TOOL_SCHEMA = {"anyOf": [
+    FunctionTool.model_json_schema(),
+    {"type": "object", "required": ["type"], "additionalProperties": True,
+     "properties": {"type": {"type": "string", "not": {"const": "function"}}}},
+]}
+
+
 class ResponsesRequest(_Open):
+    """A Responses API request. A model whose provider speaks the Responses API gets it as sent; every other
+    model answers it through Chat Completions, which refuses with a 400 naming the field what it cannot carry:
+    the fields conversation, prompt, context_management, max_tool_calls and n (code unsupported_parameter);
+    input items and content parts of types not listed here; images, audio and files outside user messages;
+    images without image_url and files without file_data; tools other than function tools (code
+    unsupported_tool_type); a tool_choice object other than a function's. 'background' needs 'store' not
+    false; an unknown previous_response_id is a 404. text.verbosity becomes the chat extra 'verbosity', which
+    an embedded model refuses (param 'verbosity'). Fields not listed here are passed on as chat extras (see the
+    chat completion request)."""
+
     model: str = Field(min_length=1)
     input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]
     instructions: str | None = None
-    #: checked one by one (a non-function type is refused by name), so kept as objects here
-    tools: list[dict[str, Any]] | None = None
+    #: checked one by one where they are translated (a non-function type is refused by name), so kept as
+    #: objects here; the document shows what the check takes
+    tools: Annotated[list[Annotated[dict[str, Any], Field(json_schema_extra=_TOOL_SCHEMA)]], Field()] | None = None
     tool_choice: Literal["auto", "none", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
-    max_output_tokens: Annotated[int, Field(ge=1)] | None = None
-    max_tool_calls: Annotated[int, Field(ge=1)] | None = None
+    max_output_tokens: TokenCount | None = None
+    max_tool_calls: TokenCount | None = None
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
@@ -239,10 +274,15 @@ class ResponsesRequest(_Open):
     store: bool | None = None
     previous_response_id: str | None = None
     background: bool | None = None
+
+    model_config = ConfigDict(json_schema_extra=rules(
+        when({"background": {"const": True}},
+             {"not": {"required": ["store"], "properties": {"store": {"const": False}}}}),
+    ))
     include: list[Include] | None = None
     truncation: Literal["auto", "disabled"] | None = None
     stream: bool | None = None
-    stream_options: StreamOptions | None = None
+    stream_options: ResponseStreamOptions | None = None
 
     @property
     def stores(self) -> bool:

@@ -309,6 +309,9 @@ class ResponsesService:
 
     async def _background(self, turn: _Turn) -> bytes | ChunkStream:
         request = turn.request
+        if not turn.backend.relays_responses:
+            # What translation refuses is refused now, as a 400, not after a 200 as a failed response.
+            self._chat_request(turn, stream=True)
         shape = ResponseShape(request, turn.served_as)
         queued = _dumps(shape.body("queued", []))
         await self.store.put(turn.record(shape.id, queued))

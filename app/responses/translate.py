@@ -75,6 +75,10 @@ def chat_body(request: ResponsesRequest, history: list[dict[str, Any]], items: l
         messages.append({"role": "system", "content": request.instructions})
     _add_messages(messages, history, None)
     _add_messages(messages, items, "input")
+    if not messages:
+        # Else the chat body's own check would refuse 'messages', a field this client never sent.
+        raise invalid_request("Invalid value for 'input': it holds nothing a chat model reads (reasoning items "
+                              "only); add a message.", "input")
     body["messages"] = messages
     if request.tools:
         body["tools"] = [_chat_tool(tool, index) for index, tool in enumerate(request.tools)]

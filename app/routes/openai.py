@@ -28,6 +28,8 @@ blueprint = Blueprint("openai", __name__, url_prefix="/v1")
 @document_request(ChatCompletionRequest)
 @document_response(ChatCompletionResponse, 200)
 @document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 415)
 async def chat_completions() -> Response:
     """Create a chat completion; with `stream: true` an SSE stream of `chat.completion.chunk`."""
     req, body = await read_body(ChatCompletionRequest)
@@ -42,6 +44,8 @@ async def chat_completions() -> Response:
 @document_request(CompletionRequest)
 @document_response(CompletionResponse, 200)
 @document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 415)
 async def completions() -> Response:
     """Create a text completion; with `stream: true` an SSE stream of `text_completion` chunks."""
     req, body = await read_body(CompletionRequest)
@@ -56,6 +60,8 @@ async def completions() -> Response:
 @document_request(EmbeddingRequest)
 @document_response(EmbeddingResponse, 200)
 @document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 415)
 async def embeddings() -> Response:
     """Create embeddings for one or more inputs."""
     req, body = await read_body(EmbeddingRequest)

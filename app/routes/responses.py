@@ -49,6 +49,8 @@ def _streamed() -> bool:
 @blueprint.post("")
 @document_request(ResponsesRequest)
 @document_response(ErrorResponse, 400)
+@document_response(ErrorResponse, 404)
+@document_response(ErrorResponse, 415)
 async def create_response() -> Response:
     """Create a model response; with `stream: true` an SSE stream of Response events."""
     req, body = await read_body(ResponsesRequest)
