@@ -83,6 +83,11 @@ class Backend(ABC):
     def not_ready_reason(self) -> str | None:
         """None when the backend can serve, else a short reason for /ready."""
 
+    def failure(self) -> str | None:
+        """Why this backend cannot serve again until the process restarts (its engine died), else None; /health
+        reports it, so that the orchestrator restarts the process."""
+        return None
+
     def admits(self, request: ChatCompletionRequest | CompletionRequest) -> str | None:
         """Why a router should not send it this request now, measured before it starts: ``"queue"`` (no
         capacity) or ``"context"`` (the prompt does not fit); None to send it. Backends that cannot tell

@@ -183,6 +183,10 @@ class Registry:
     def readiness(self) -> dict[str, str | None]:
         return {backend.name: backend.not_ready_reason() for backend in self.backends}
 
+    def failures(self) -> dict[str, str]:
+        """The backends that cannot serve again until a restart, and why."""
+        return {backend.name: reason for backend in self.backends if (reason := backend.failure()) is not None}
+
 
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split()) or type(error).__name__

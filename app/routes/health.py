@@ -7,7 +7,7 @@ import json
 from quart import Blueprint, Response
 from quart_schema import hide
 
-from app.errors import not_ready
+from app.errors import APIError, not_ready
 from app.state import app_state
 
 blueprint = Blueprint("health", __name__)
@@ -16,7 +16,14 @@ blueprint = Blueprint("health", __name__)
 @blueprint.get("/health")
 @hide
 async def health() -> Response:
-    """Liveness: the process is up and serving HTTP."""
+    """Liveness: 200 while the process serves; 503 once a backend failed for good (an embedded engine died),
+    so that the orchestrator restarts the process."""
+    failures = app_state().registry.failures()
+    if failures:
+        detail = "; ".join(f"{name}: {reason}" for name, reason in failures.items())
+        raise APIError(503, f"Unhealthy: {detail}; the process must be restarted.",
+                       type="service_unavailable_error", code="unhealthy",
+                       extra={"status": "unhealthy", "models": failures})
     return Response(b'{"status":"ok"}', content_type="application/json")
 
 

@@ -157,6 +157,23 @@ class HeliosProcess:
         """Whether the process was started and has not exited."""
         return self._process is not None and self._process.poll() is None
 
+    def group(self) -> dict[int, str]:
+        """The live processes of its process group (itself, an engine's EngineCore and workers...): PID to
+        command line (``VLLM::EngineCore``: vLLM sets process titles); zombies are left out."""
+        members: dict[int, str] = {}
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                # After "(comm)": state, ppid, pgrp; comm itself may hold spaces and parentheses.
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+                if fields[0] == "Z" or int(fields[2]) != self.pid:
+                    continue
+                members[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode().strip()
+            except (OSError, IndexError, ValueError):
+                continue  # it ended while being read
+        return members
+
     def logs(self) -> str:
         """Captured stdout followed by stderr."""
         return self.stdout() + self.stderr()

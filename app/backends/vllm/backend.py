@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -37,6 +38,8 @@ from app.protocol import (
 from app.settings import VLLMModelSettings
 
 log = logging.getLogger(__name__)
+#: seconds the engine's processes get to exit at shutdown on the CPU before vLLM kills them
+CPU_ENGINE_EXIT_SECONDS = 1.5
 
 
 class VLLMBackend(Backend):
@@ -55,6 +58,8 @@ class VLLMBackend(Backend):
         self._measured: tuple[ChatCompletionRequest, list[int]] | None = None
         self._max_logprobs = 0
         self._state = "loading"
+        #: the engine's processes (EngineCore and its workers), to kill what outlives a dead engine
+        self._processes: list[Any] = []
         #: adapter name -> vLLM LoRARequest, for the adapters served under their own names
         self.loras: dict[str, Any] = {}
         # Set once the engine is loaded.
@@ -71,6 +76,7 @@ class VLLMBackend(Backend):
         args = vllm.AsyncEngineArgs(**self._engine_args(vllm))
         started = time.perf_counter()
         self._engine = engine = await asyncio.to_thread(vllm.AsyncLLM.from_engine_args, args)
+        self._processes = _engine_processes(engine)
         tokenizer = engine.get_tokenizer()
         config = engine.model_config
         self._prompts = Prompts(tokenizer, self.settings.chat_template_text(), int(config.max_model_len))
@@ -159,16 +165,29 @@ class VLLMBackend(Backend):
         engine, self._engine = self._engine, None
         self._state = "closed"
         if engine is not None:
-            await asyncio.to_thread(engine.shutdown)
+            # vLLM gives the engine's processes 5 s to exit and then kills them, and on the CPU they always
+            # need the kill: their exit is a full garbage collection of a torch-laden interpreter, seconds on a
+            # small machine, with no device memory to release. Waiting less changes nothing but the wait.
+            assert self._vllm is not None
+            await asyncio.to_thread(engine.shutdown, CPU_ENGINE_EXIT_SECONDS if self._vllm.on_cpu else None)
             # AsyncLLM.__del__ shuts down again at interpreter exit, when its globals are gone.
             engine.shutdown = lambda *args, **kwargs: None
+        _kill(self._processes)
 
     def not_ready_reason(self) -> str | None:
         if self._state != "ready":
             return "engine is loading" if self._state == "loading" else "engine is stopped"
-        if self._engine.errored:
-            return "engine has died"
-        return None
+        return self.failure()
+
+    def failure(self) -> str | None:
+        # vLLM has no way back from a dead engine: only a new process brings the model back.
+        if self._state != "ready" or not self._engine.errored:
+            return None
+        if self._processes:
+            _kill(self._processes)
+            self._processes = []
+        ended = _engine_exit(self._engine)
+        return f"engine has died ({ended})" if ended else "engine has died"
 
     def admits(self, request: ChatCompletionRequest | CompletionRequest) -> str | None:
         if self._state != "ready" or self.pooling:
@@ -466,3 +485,51 @@ class VLLMBackend(Backend):
             slot.release()
             for generation in generations:
                 await generation.close()
+
+
+def _engine_exit(engine: Any) -> str:
+    """How the engine's processes ended, as vLLM's process manager saw them ("" when it cannot tell)."""
+    try:
+        finished: dict[str, int | None] = engine.engine_core.resources.engine_manager.finished_procs()
+    except Exception:  # vLLM internals: another engine client (or version) may not have them
+        return ""
+    ends = []
+    for name, code in finished.items():
+        if code is not None and code < 0:
+            ends.append(f"{name} was killed by {_signal_name(-code)}")
+        elif code is not None:
+            ends.append(f"{name} exited with code {code}")
+    return ", ".join(ends)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def _engine_processes(engine: Any) -> list[Any]:
+    """The engine's EngineCore processes and their children, as psutil handles (safe against PID reuse)."""
+    import psutil
+
+    try:
+        cores = [psutil.Process(proc.pid) for proc in engine.engine_core.resources.engine_manager.processes]
+        return [process for core in cores for process in (core, *core.children(recursive=True))]
+    except Exception:  # vLLM internals (or a process gone already): nothing to watch over
+        return []
+
+
+def _kill(processes: list[Any]) -> None:
+    """Kill those still running. A worker whose EngineCore was killed can spin on its shared-memory queue
+    instead of exiting, a core busy until the process restarts."""
+    import psutil
+
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                log.warning("killing engine process %d (%s), left behind by its engine", process.pid,
+                            process.name())
+                process.kill()
+        except psutil.Error:
+            continue  # it ended meanwhile

@@ -83,7 +83,7 @@ class Generation:
             first = await generator.__anext__()
         except BaseException as exc:
             await generator.aclose()
-            raise engine_error(exc, vllm) from None
+            raise engine_error(exc, vllm, engine) from None
         return cls(engine, generator, first, request_id, vllm)
 
     def __aiter__(self) -> Generation:
@@ -100,7 +100,7 @@ class Generation:
             except StopAsyncIteration:
                 raise
             except Exception as exc:
-                raise engine_error(exc, self._vllm) from None
+                raise engine_error(exc, self._vllm, self._engine) from None
         self.finished = bool(output.finished)
         return output
 
@@ -166,12 +166,13 @@ def client_error(exc: BaseException) -> APIError:
     return invalid_request(message, parameter if isinstance(parameter, str) else None)
 
 
-def engine_error(exc: BaseException, vllm: VLLMNames) -> BaseException:
+def engine_error(exc: BaseException, vllm: VLLMNames, engine: Any) -> BaseException:
     if isinstance(exc, APIError | asyncio.CancelledError):
         return exc
     if isinstance(exc, vllm.VLLMClientError | ValueError):
         return client_error(exc)
     if isinstance(exc, vllm.EngineDeadError):
-        return not_ready("The model's engine has died.")
+        return not_ready(f"The engine of model '{engine.model_config.served_model_name}' has died; the appliance "
+                         "must be restarted.")
     log.error("engine request failed", exc_info=exc)
     return internal_error()
