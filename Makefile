@@ -7,7 +7,7 @@ DEMO_MODEL ?= models/helios-demo-tiny
 # The embedded engine's build: the official GPU one where an NVIDIA GPU is present, else the CPU one.
 ENGINE ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo vllm || echo cpu)
 
-.PHONY: install install-engine demo-model run test test-images lint format bench bench-quick bench-agents bench-responses bench-resilience bench-vllm clean
+.PHONY: install install-engine demo-model run test test-images lint format bench bench-quick bench-agents bench-responses bench-resilience bench-streams bench-vllm clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,19 +46,22 @@ test-images: install-engine
 
 # Gateway benchmarks against the direct path and LiteLLM's proxy (installed into bench/.venv-litellm);
 # BENCH_ARGS=--profile adds py-spy profiles. Then the agent scenario and /v1/responses against chat.
-# Then the pool under a failing and a stopped member, and what routing costs when nothing fails.
+# Then the pool under a failing and a stopped member, and what routing costs when nothing fails. Then 1,000 held
+# streams and the memory each costs.
 # Results: bench/results/.
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
 	$(PY) -m bench.agents
 	$(PY) -m bench.responses
 	$(PY) -m bench.resilience
+	$(PY) -m bench.held_streams
 
 bench-quick: install
 	$(PY) -m bench.run --quick $(BENCH_ARGS)
 	$(PY) -m bench.agents --quick
 	$(PY) -m bench.responses --quick
 	$(PY) -m bench.resilience --quick
+	$(PY) -m bench.held_streams --quick
 
 # An agent's two-step tool loop against the same model calls made straight to the provider imitation;
 # BENCH_ARGS=--quick for a short run.
@@ -76,6 +79,11 @@ bench-responses: install
 # --strategy weighted for a 1:1 pool, --profile for py-spy.
 bench-resilience: install
 	$(PY) -m bench.resilience $(BENCH_ARGS)
+
+# 1,000 concurrent streams held through one worker against a provider sending a chunk every 100 ms for a minute:
+# every chunk checked, and the worker's RSS per open stream; BENCH_ARGS=--quick for 30-second streams.
+bench-streams: install
+	$(PY) -m bench.held_streams $(BENCH_ARGS)
 
 # The embedded engine against vLLM's own OpenAI server, same model and engine arguments.
 bench-vllm: install-engine

@@ -2,36 +2,49 @@
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import importlib.util
 import logging
 import os
+import resource
+import signal
 import threading
 from collections.abc import Callable, Iterable
+from functools import partial
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config
 from hypercorn.run import run
+from hypercorn.utils import load_application
 
-from app import metrics
+from app import metrics, streaming
 from app.auth import KeyChecker
-from app.errors import APIError
+from app.connections import HeliosConfig
+from app.errors import APIError, not_ready
 from app.settings import MetricsSettings, Settings
 
 APPLICATION_PATH = "app.asgi:app"
+#: seconds before the graceful timeout at which the streams still open are ended with an error event: time
+#: for that last event to reach the clients before Hypercorn closes their connections
+STREAMS_END_EARLY = 0.5
 log = logging.getLogger(__name__)
 
 
 def hypercorn_config(settings: Settings) -> Config:
     server = settings.server
-    config = Config()
+    config = HeliosConfig()
     config.bind = [f"{_host(server.host)}:{server.port}"]
     # Hypercorn's "0 workers" runs the server in this process, which keeps a single-worker set-up free
     # of the supervisor process and its extra memory.
     config.workers = 0 if server.workers == 1 else server.workers
     config.keep_alive_timeout = server.keep_alive_timeout
     config.keep_alive_max_requests = server.keep_alive_max_requests
+    config.header_read_timeout = server.header_read_timeout
+    config.backlog = server.backlog
     config.graceful_timeout = server.graceful_timeout
     config.application_path = APPLICATION_PATH
     config.worker_class = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
@@ -39,6 +52,17 @@ def hypercorn_config(settings: Settings) -> Config:
     config.include_server_header = False  # no software banner for scanners to match against
     config.errorlog = logging.getLogger("hypercorn.error")
     return config
+
+
+def raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one: every stream holds two sockets (client and provider),
+    and systemd's default soft limit of 1,024 would refuse connections from about 500 streams on."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # a hard limit the kernel refuses (above fs.nr_open): keep ours
+            log.warning("cannot raise the open files limit from %d", soft)
 
 
 def _host(host: str) -> str:
@@ -94,6 +118,50 @@ def start_metrics_listener(settings: MetricsSettings, host: str) -> WSGIServer:
 def serve(settings: Settings) -> int:
     """Serve until SIGTERM/SIGINT, draining in-flight requests for the graceful timeout."""
     prepare_multiprocess_metrics(settings)
+    raise_open_files_limit()
     if settings.metrics.enabled and settings.metrics.port is not None:
         start_metrics_listener(settings.metrics, settings.server.host)
-    return run(hypercorn_config(settings))
+    config = hypercorn_config(settings)
+    if config.workers:
+        # Hypercorn's supervisor tells its workers to stop through an event of its own, out of our reach: they
+        # drain as Hypercorn does, and a stream still open at the graceful timeout is cut without an error event.
+        return run(config)
+    _serve_in_process(config)
+    return 0
+
+
+def _serve_in_process(config: Config) -> None:
+    """What Hypercorn's ``run`` does with no worker processes, with our own shutdown trigger."""
+    application = load_application(config.application_path, config.wsgi_max_body_size)
+    loop_factory = None
+    if config.worker_class == "uvloop":
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(worker_serve(application, config,
+                                shutdown_trigger=partial(_until_signalled, config.graceful_timeout)))
+    # Everything is closed. The interpreter's exit would still walk every object left for a last garbage
+    # collection (seconds with torch imported); they die with the process anyway.
+    gc.freeze()
+
+
+async def _until_signalled(graceful_timeout: float) -> None:
+    """Return on SIGTERM or SIGINT, which starts Hypercorn's drain (listener closed, in-flight requests
+    awaited for ``graceful_timeout``), after arming the end of the streams that will still be open then: at the
+    timeout Hypercorn closes their connections mid-stream, which a client cannot tell from a network failure."""
+    loop = asyncio.get_running_loop()
+    signalled = asyncio.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(number, signalled.set)
+    await signalled.wait()
+    log.info("shutting down: new connections refused, in-flight requests get %g s to finish", graceful_timeout)
+    loop.call_later(max(0.0, graceful_timeout - STREAMS_END_EARLY), _end_open_streams, graceful_timeout)
+
+
+def _end_open_streams(graceful_timeout: float) -> None:
+    error = not_ready(f"The server is shutting down and this response did not finish within its "
+                      f"{graceful_timeout:g} s graceful timeout; retry the request.")
+    ended = streaming.end_open_streams(error)
+    if ended:
+        log.warning("graceful timeout: ended %d open stream(s) with an error event", ended)

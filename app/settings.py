@@ -62,12 +62,27 @@ class ServerSettings(_Section):
     port: int = Field(8000, ge=1, le=65535)
     workers: int = Field(1, ge=1, le=64, description="Hypercorn worker processes.")
     keep_alive_timeout: float = Field(
-        5.0, gt=0, description="Seconds an idle keep-alive connection stays open."
+        5.0, gt=0, description="Seconds an idle connection (kept alive, or new and silent) stays open."
     )
     keep_alive_max_requests: int = Field(
         100_000, ge=1,
         description="Requests one keep-alive connection may carry before it is closed (Hypercorn's own "
                     "default of 1,000 makes a busy load balancer reconnect every 1,000 requests).",
+    )
+    header_read_timeout: float = Field(
+        60.0, gt=0,
+        description="Seconds a request's headers may take to arrive in full, from their first byte (as nginx's "
+                    "client_header_timeout); then the connection is closed. A whole deadline: a client sending "
+                    "a byte a second does not reset it.",
+    )
+    body_read_timeout: float = Field(
+        60.0, gt=0,
+        description="Seconds a request body may take to arrive in full once its headers are in; then HTTP 408.",
+    )
+    backlog: int = Field(
+        2048, ge=1,
+        description="Connections the kernel queues before they are accepted (capped by net.core.somaxconn); "
+                    "Hypercorn's 100 drops a burst of clients, who then wait for a SYN retry.",
     )
     graceful_timeout: float = Field(
         30.0, ge=0, description="Seconds in-flight requests get to finish after SIGTERM."

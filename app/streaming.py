@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 _PREFIX = b"data: "
 _FAIR_SHARE = 0.002  # seconds a stream may run without letting other tasks in
-_QUEUED_BATCHES = 64  # batches read ahead of the client before the backend is made to wait
+# Bytes read ahead of a client that reads slower than the backend produces, before the backend is made to wait
+# (and, through the provider connection's buffers, the provider). Counted in bytes, not batches: one batch is
+# whatever one read of the provider brought (up to 16 KiB), so a bound in batches let a slow reader hold a
+# megabyte. This much still lets a fast stream's writer send hundreds of chunks per write.
+READ_AHEAD_BYTES = 64 * 1024
 _END = object()
 _SUFFIX = b"\n\n"
 DONE = b"[DONE]"
@@ -87,6 +91,29 @@ def response_error_frame(error: APIError) -> bytes:
 RESPONSES_FRAMING = Framing(b"".join, b"", response_error_frame)
 
 
+def _size(item: object) -> int:
+    return sum(map(len, item)) if isinstance(item, list) else 0
+
+
+class _ReadAhead(asyncio.Queue[object]):
+    """Batches between the backend's reader and the client's writer, bounded by the bytes they hold; a batch
+    larger than the bound still goes in once the queue is empty, so a stream always moves."""
+
+    _bytes = 0
+
+    def _put(self, item: object) -> None:
+        super()._put(item)  # _put and _get: how asyncio's own LIFO and priority queues shape theirs
+        self._bytes += _size(item)
+
+    def _get(self) -> object:
+        item: object = super()._get()
+        self._bytes -= _size(item)
+        return item
+
+    def full(self) -> bool:
+        return self._bytes >= self.maxsize
+
+
 async def _pump(chunks: ChunkStream, queue: asyncio.Queue[object], observer: StreamObserver) -> None:
     """Read the backend as fast as it produces, up to the queue's bound (then it waits: backpressure)."""
     clock = time.perf_counter
@@ -112,6 +139,43 @@ def _drain(queue: asyncio.Queue[object], first: object) -> tuple[list[bytes], ob
         item = queue.get_nowait()
 
 
+class _Open:
+    """A stream being written, as :func:`end_open_streams` reaches it."""
+
+    __slots__ = ("pump", "queue")
+
+    def __init__(self, queue: asyncio.Queue[object]) -> None:
+        self.queue = queue
+        self.pump: asyncio.Task[None] | None = None
+
+    def end(self, error: APIError) -> None:
+        # The writer takes the error next, whether it waits for the queue or for the client now.
+        if self.pump is not None:
+            self.pump.cancel()
+        queue = self.queue
+        if queue.full():
+            while not queue.empty():
+                queue.get_nowait()
+        queue.put_nowait(error)
+
+
+#: the streams being written: what shutdown ends at its graceful timeout
+_open: set[_Open] = set()
+
+
+def end_open_streams(error: APIError) -> int:
+    """End every stream being written with ``error`` as its last event, after what it is sending now; how many.
+
+    The backend's reading stops at once (its request is released as on a client's leaving); the batches read
+    ahead and not sent yet are dropped when they would leave no room for the error, so the answer is cut short
+    but never has a gap."""
+    streams = list(_open)
+    _open.clear()
+    for stream in streams:
+        stream.end(error)
+    return len(streams)
+
+
 async def _frame(
     first: list[bytes], chunks: ChunkStream, observer: StreamObserver, framing: Framing
 ) -> AsyncIterator[bytes]:
@@ -121,13 +185,15 @@ async def _frame(
     # Reading and writing run apart after the first batch: the writer takes everything that piled up while
     # the client's socket was busy and sends it as one write, instead of one write (and one wake-up of the
     # client) per chunk. The first batch goes out without waiting for the reader task to start.
-    queue: asyncio.Queue[object] = asyncio.Queue(_QUEUED_BATCHES)
+    queue: asyncio.Queue[object] = _ReadAhead(READ_AHEAD_BYTES)
     pump: asyncio.Task[None] | None = None
+    current = _Open(queue)
+    _open.add(current)
     try:
         if first:
             observer.first_chunk_relayed(clock())
             yield framing.frame(first)
-        pump = asyncio.create_task(_pump(chunks, queue, observer))
+        current.pump = pump = asyncio.create_task(_pump(chunks, queue, observer))
         last_pause = clock()
         while True:
             waited = clock()
@@ -163,6 +229,7 @@ async def _frame(
         completed = True
         yield framing.error(error)
     finally:
+        _open.discard(current)
         await _release(pump, chunks)
         observer.finish(status, disconnected=not completed)
 

@@ -3,6 +3,7 @@ time the call, and frame the answer (a JSON body or a stream)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable
 from typing import TypeVar
@@ -12,7 +13,7 @@ from quart import Response, g, request
 
 from app import metrics
 from app.backends.base import Backend, ChunkStream
-from app.errors import from_validation_error, invalid_request, model_not_found, not_ready
+from app.errors import APIError, from_validation_error, invalid_request, model_not_found, not_ready
 from app.exchange import Exchange
 from app.state import app_state
 from app.streaming import CHAT_FRAMING, Framing, sse_response
@@ -25,8 +26,24 @@ _MAX_ATTEMPTS = "X-Helios-Max-Attempts"
 
 
 async def read_body(model: type[_Request]) -> tuple[_Request, bytes]:
-    # Not request.data: that also parses the body as a form, for nothing.
-    body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+    # The body itself, not request.get_data: that would parse it as a form too, for nothing, and put Quart's
+    # BODY_TIMEOUT (with a browser's wording in its 408) in front of server.body_read_timeout.
+    timeout = app_state().settings.server.body_read_timeout
+    try:
+        async with asyncio.timeout(timeout):
+            body: bytes = await request.body
+    except TimeoutError:
+        # Hypercorn closes the connection after this answer: the rest of the body is never read.
+        raise APIError(408, f"The request body did not arrive within {timeout:g} seconds.",
+                       code="request_timeout") from None
+    request.body.clear()  # the bytes above are a copy: do not hold the body twice for the whole call
+    kind = request.mimetype
+    # No type at all is taken as JSON (raw HTTP clients often send none); a declared other type is a client
+    # sending something else (a form, text). Told so after its body is read: a connection left with an unread
+    # body is closed, and would fail the client's next request on it.
+    if kind and kind != _JSON and not kind.endswith("+json"):
+        raise APIError(415, f"Unsupported Content-Type '{kind}': request bodies must be JSON "
+                            "(Content-Type: application/json).", param="Content-Type", code="unsupported_media_type")
     try:
         # Validating the bytes directly skips building Python objects for the whole body first.
         return model.model_validate_json(body), body

@@ -11,6 +11,7 @@ Behaviour is picked by the request's ``model`` field:
 * ``error-event``: streams answer 200 with an OpenAI ``error`` event as their only event (as providers do
   when a stream fails after the status was sent); non-streaming requests are answered normally
 * ``slow-chunks-MS``: a 1000-word stream with MS milliseconds between chunks
+* ``slow-chunks-MS-N``: the same with N words (``slow-chunks-100-600``: a chunk every 100 ms for a minute)
 * ``tool-script``: an agent's model. The last user message is JSON ``{"rounds": [[call, ...], ...]}`` with
   calls ``{"name": ..., "arguments": {...}}`` (or ``"raw": "<text>"`` for arguments that are not JSON), whose
   ids are ``call_s<round>_<i>``. The next round is the one after the latest round with a result since that user
@@ -231,6 +232,9 @@ class StreamRecord:
     chunks_sent: int = 0
     outcome: StreamOutcome | None = None  # None while still streaming
     error: str | None = None
+    #: bytes of the body handed to the connection so far; aiohttp makes a write wait while the connection's
+    #: buffer is full, so this stops growing when the client (a gateway, say) stops reading: backpressure
+    bytes_sent: int = 0
 
 
 @dataclass(frozen=True)
@@ -333,6 +337,8 @@ def parse_behaviour(model: str) -> Behaviour:
         return Behaviour(kind="error_event")
     if match := re.fullmatch(r"error-(\d{3})", model):
         return Behaviour(kind="error", status=int(match[1]))
+    if match := re.fullmatch(r"slow-chunks-(\d+(?:\.\d+)?)-(\d+)", model):
+        return Behaviour(chunk_delay=float(match[1]) / 1000, words=int(match[2]))
     if match := re.fullmatch(r"slow-chunks-(\d+(?:\.\d+)?)", model):
         return Behaviour(chunk_delay=float(match[1]) / 1000, words=SLOW_CHUNKS_LENGTH)
     if match := re.fullmatch(r"slow-(\d+(?:\.\d+)?)", model):
@@ -1129,7 +1135,8 @@ class FakeProvider:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
-        sock.listen(128)
+        # A gateway holding a thousand streams opens as many connections here at once.
+        sock.listen(1024)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
         self._ready.clear()
@@ -1249,7 +1256,8 @@ class FakeProvider:
     def streams(self) -> list[StreamRecord]:
         """Snapshot of each streamed response's lifecycle."""
         with self._lock:
-            return [StreamRecord(s.path, s.model, s.chunks_sent, s.outcome, s.error) for s in self._streams]
+            return [StreamRecord(s.path, s.model, s.chunks_sent, s.outcome, s.error, s.bytes_sent)
+                    for s in self._streams]
 
     @property
     def disconnects(self) -> int:
@@ -1659,10 +1667,12 @@ class FakeProvider:
                 following = next(chunks, None)
                 if following is None and kind == "reset":
                     break  # a reset stream never sends its last event
-                await response.write(sse.frame(chunk))
+                frame = sse.frame(chunk)
+                await response.write(frame)
                 chunk = following
                 with self._lock:
                     record.chunks_sent += 1
+                    record.bytes_sent += len(frame)
                 if behaviour.chunk_delay:
                     await asyncio.sleep(behaviour.chunk_delay)
             if abort_after is not None:
