@@ -48,6 +48,8 @@ STAND_IN = textwrap.dedent(
         def log_message(self, format, *args):
             print("access", self.path, file=sys.stderr, flush=True)
 
+    # A shell's background job inherits SIGINT ignored; the gateway installs its own handler, so must this.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if mode == "ignore-term":
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
     else:
