@@ -54,15 +54,17 @@ def hypercorn_config(settings: Settings) -> Config:
     return config
 
 
-def raise_open_files_limit() -> None:
+def raise_open_files_limit() -> int:
     """Lift the soft limit on open files to the hard one: every stream holds two sockets (client and provider),
-    and systemd's default soft limit of 1,024 would refuse connections from about 500 streams on."""
+    and systemd's default soft limit of 1,024 would refuse connections from about 500 streams on. Returns the
+    soft limit now in force (tests and benchmarks holding many connections check it)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard and (hard == resource.RLIM_INFINITY or soft < hard):
         try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError):  # a hard limit the kernel refuses (above fs.nr_open): keep ours
             log.warning("cannot raise the open files limit from %d", soft)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def _host(host: str) -> str:

@@ -33,6 +33,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as a script: python bench/held_streams.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from app.server import raise_open_files_limit
 from bench import loadgen, procs, run
 
 DELAY = 0.1  # seconds between chunks
@@ -159,13 +160,6 @@ async def _warm_up(port: int) -> None:
         raise RuntimeError(f"warm-up streams failed: {hold.errors[:3]}")
 
 
-def _raise_fd_limit(needed: int) -> int:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
 def _open_files_limit(pid: int) -> str:
     for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
         if line.startswith("Max open files"):
@@ -174,7 +168,7 @@ def _open_files_limit(pid: int) -> str:
 
 
 def measure(plan: Plan, workdir: Path) -> dict[str, Any]:
-    limit = _raise_fd_limit(plan.streams + 512)
+    limit = raise_open_files_limit()
     if limit != resource.RLIM_INFINITY and limit < plan.streams + 512:
         raise SystemExit(f"the open-files limit ({limit}) is too low for {plan.streams} streams")
     services: list[procs.Service] = []

@@ -9,6 +9,7 @@ import resource
 from dataclasses import dataclass
 from typing import Any
 
+from app.server import raise_open_files_limit
 from bench.loadgen import http_request
 
 __all__ = ["Answer", "chat_body", "connect", "dechunk", "http_request", "raise_fd_limit", "read_answer",
@@ -18,11 +19,8 @@ _LOOPBACK = "127.0.0.1"
 
 
 def raise_fd_limit(needed: int) -> None:
-    """Lift this process' soft limit on open files to the hard one when ``needed`` would not fit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY and soft < needed:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    """Lift this process' soft limit on open files as the appliance lifts its own; fail when ``needed`` won't fit."""
+    soft = raise_open_files_limit()
     assert soft == resource.RLIM_INFINITY or soft >= needed, f"{needed} open files needed, the limit is {soft}"
 
 

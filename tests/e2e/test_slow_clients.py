@@ -51,6 +51,16 @@ async def _trickle(writer: asyncio.StreamWriter, head: bytes, interval: float) -
             await asyncio.sleep(interval)
 
 
+async def _trickled_until_closed(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> float:
+    """Seconds the appliance let ``head`` trickle in, a byte every 0.2 s, before it closed the connection."""
+    started = time.monotonic()
+    trickle = asyncio.create_task(_trickle(writer, head, 0.2))
+    seconds = await _closed_after(reader, started, 10)
+    trickle.cancel()
+    writer.close()
+    return seconds
+
+
 async def test_headers_have_a_whole_deadline_and_idle_connections_the_keep_alive_one(
     helios: HeliosFactory, provider: FakeProvider
 ) -> None:
@@ -59,11 +69,7 @@ async def test_headers_have_a_whole_deadline_and_idle_connections_the_keep_alive
 
     # A new connection trickling its headers, a byte every 0.2 s: never idle for long, cut 2 s on.
     reader, writer = await connect(gateway.port)
-    started = time.monotonic()
-    trickle = asyncio.create_task(_trickle(writer, request, 0.2))
-    seconds = await _closed_after(reader, started, 10)
-    trickle.cancel()
-    writer.close()
+    seconds = await _trickled_until_closed(reader, writer, request)
     assert 2.0 - 0.3 <= seconds <= 2.0 + _SLACK, f"closed after {seconds:.2f} s"
 
     # A kept-alive connection: idle for longer than the header deadline, it still serves; then headers
@@ -76,11 +82,7 @@ async def test_headers_have_a_whole_deadline_and_idle_connections_the_keep_alive
     answer = await read_answer(reader)
     assert answer.status == 200 and json.loads(answer.body)["object"] == "chat.completion"
     await asyncio.sleep(1.0)
-    started = time.monotonic()
-    trickle = asyncio.create_task(_trickle(writer, request, 0.2))
-    seconds = await _closed_after(reader, started, 10)
-    trickle.cancel()
-    writer.close()
+    seconds = await _trickled_until_closed(reader, writer, request)
     assert 2.0 - 0.3 <= seconds <= 2.0 + _SLACK, f"closed after {seconds:.2f} s"
 
 
