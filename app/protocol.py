@@ -221,7 +221,8 @@ TokenCount = Annotated[int, Field(ge=1, le=2**31 - 1)]
 EXTRAS_DOC = (
     "Fields not listed here are provider extras. A remote model's provider gets them as sent, and may refuse "
     "them. An embedded model honours the vLLM extras top_k, min_p, repetition_penalty, min_tokens, ignore_eos, "
-    "stop_token_ids, skip_special_tokens, include_stop_str_in_output, structured_outputs (and, for chat, "
+    "stop_token_ids, skip_special_tokens, include_stop_str_in_output, structured_outputs, vllm_xargs (arguments "
+    "for the engine's custom logits processors) (and, for chat, "
     "chat_template_kwargs, include_reasoning and reasoning_effort), with the types and ranges vLLM takes, "
     "ignores bookkeeping fields (user, metadata, store, service_tier, parallel_tool_calls, stream_options, "
     "prompt_cache_key, safety_identifier), and refuses any other field with a 400 naming it. A model refuses "

@@ -18,14 +18,14 @@ import httpx2
 import pytest
 
 from tests.e2e.gateway import eventually
-from tests.support.engine import ENGINE_SETTINGS, engine_env
+from tests.support.engine import ENGINE_SETTINGS, engine_env, paced
 from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.openapi import validate
 from tests.support.server import HeliosProcess
 
 USER = [{"role": "user", "content": "hi"}]
-#: long enough (with ignore_eos) to still run when the engine is killed a second after they start
-LONG = {"max_tokens": 2000, "ignore_eos": True}
+#: still running (2,000 steps of at least 5 ms) when the engine is killed a second after they start
+LONG = {"max_tokens": 2000, "ignore_eos": True, **paced(5)}
 
 
 @dataclass

@@ -18,7 +18,7 @@ import httpx2
 import pytest
 
 from tests.e2e.gateway import eventually
-from tests.support.engine import ENGINE_SETTINGS, engine_env
+from tests.support.engine import ENGINE_SETTINGS, engine_env, paced
 from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.fixtures import HeliosFactory
 from tests.support.openapi import validate
@@ -28,7 +28,7 @@ USER = [{"role": "user", "content": "hi"}]
 #: words (one chunk each, 100 ms apart) of the streams that finish in time, and the non-streams' delay
 FINITE_WORDS = 40
 SLOW_SECONDS = 4
-#: the engine appliance's graceful timeout: a 2,000-token stream of the demo model outlasts it
+#: the engine appliance's graceful timeout: a paced 2,000-token stream (at least 10 s) outlasts it
 ENGINE_GRACE = 3.0
 
 
@@ -200,7 +200,8 @@ def test_sigterm_with_engine_streams_in_flight(engine_appliance: HeliosProcess) 
     async def scenario() -> tuple[list[Outcome], float, float]:
         async with httpx2.AsyncClient(base_url=gateway.base_url, timeout=60) as http:
             short = [asyncio.ensure_future(_stream(http, "tiny", max_tokens=32, ignore_eos=True)) for _ in range(4)]
-            long = [asyncio.ensure_future(_stream(http, "tiny", max_tokens=2000, ignore_eos=True)) for _ in range(4)]
+            long = [asyncio.ensure_future(_stream(http, "tiny", max_tokens=2000, ignore_eos=True, **paced(5)))
+                    for _ in range(4)]
             await asyncio.sleep(0.5)  # every stream admitted and generating
             signalled = time.monotonic()
             gateway.send_signal(signal.SIGTERM)

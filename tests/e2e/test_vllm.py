@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.e2e.gateway import client, eventually, stream_payloads, validated_chunks, wait_for_log
-from tests.support.engine import ENGINE_SETTINGS, engine_env
+from tests.support.engine import ENGINE_SETTINGS, engine_env, paced
 from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.openapi import COMPLETION_STREAM_SCHEMA, validate
 from tests.support.server import HeliosProcess, run_cli
@@ -261,9 +261,24 @@ def test_bad_requests_are_400(oa: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as wrong_type:
         oa.chat.completions.create(model=MODEL, messages=USER, extra_body={"top_k": "many"})
     assert wrong_type.value.param == "top_k"
+    with pytest.raises(openai.BadRequestError) as xargs_shape:
+        oa.chat.completions.create(model=MODEL, messages=USER, extra_body={"vllm_xargs": {"pace_ms": {"a": 1}}})
+    assert xargs_shape.value.param == "vllm_xargs"
+    # A custom logits processor's own validate_params refuses what it cannot take (tests.support.pacing).
+    with pytest.raises(openai.BadRequestError) as xargs_value:
+        oa.chat.completions.create(model=MODEL, messages=USER, extra_body=paced(5000))
+    assert "pace_ms must be a number of milliseconds" in xargs_value.value.message
     with pytest.raises(openai.BadRequestError) as embeddings:
         oa.embeddings.create(model=MODEL, input="hi", encoding_format="float")
     assert embeddings.value.param == "model"
+
+
+def test_vllm_xargs_reach_the_engines_custom_logits_processors(oa: openai.OpenAI) -> None:
+    # The test engines load tests.support.pacing, which makes each step of a request with pace_ms last that long.
+    started = time.monotonic()
+    answer = oa.chat.completions.create(model=MODEL, messages=USER, max_tokens=40, extra_body={**EXACT, **paced(25)})
+    assert time.monotonic() - started >= 40 * 0.025
+    assert answer.usage is not None and answer.usage.completion_tokens == 40
 
 
 def test_tools_are_rendered_into_the_prompt(oa: openai.OpenAI) -> None:
@@ -324,7 +339,7 @@ def test_requests_beyond_the_queue_limit_get_429(gateway: HeliosProcess, oa: ope
 
 def test_client_disconnect_aborts_the_engine_request(gateway: HeliosProcess) -> None:
     async def disconnect_mid_stream() -> float:
-        body = {"model": MODEL, "messages": USER, "max_tokens": 480, "n": 16, "stream": True, **EXACT}
+        body = {"model": MODEL, "messages": USER, "max_tokens": 480, "n": 16, "stream": True, **EXACT, **paced(10)}
         async with (
             httpx2.AsyncClient(base_url=gateway.base_url, timeout=60) as http,
             http.stream("POST", "/v1/chat/completions", json=body) as response,
@@ -335,7 +350,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: HeliosProcess) -> 
             # Leaving the block closes the connection mid-stream.
         return _sample(scrape.text, "helios_engine_requests", f'model="{MODEL}"')
 
-    # Sixteen long choices keep the engine busy for seconds, so the disconnect lands mid-generation.
+    # 480 steps of at least 10 ms keep the engine busy for seconds, so the disconnect lands mid-generation.
     assert asyncio.run(disconnect_mid_stream()) >= 1
     eventually(lambda: _metric(gateway, "helios_engine_requests", f'model="{MODEL}"') == 0, 10,
                "the engine request to be aborted")

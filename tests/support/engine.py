@@ -16,6 +16,15 @@ import pytest
 from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.server import REPO_ROOT, HeliosProcess
 
+#: The engines' pacing logits processor (tests.support.pacing).
+PACER = "tests.support.pacing:Pace"
+
+
+def paced(ms: int) -> dict[str, dict[str, int]]:
+    """Request fields that make every engine step of the request last at least ``ms`` milliseconds."""
+    return {"vllm_xargs": {"pace_ms": ms}}
+
+
 ENGINE_SETTINGS: dict[str, Any] = {
     "backend": "vllm",
     "enforce_eager": True,
@@ -23,6 +32,8 @@ ENGINE_SETTINGS: dict[str, Any] = {
     "kv_cache_memory_bytes": 64 * 1024 * 1024,
     # As the default configuration has it: compact JSON, so the random model's structured outputs end.
     "structured_outputs": {"backend": "xgrammar", "disable_any_whitespace": True},
+    # Lets a test keep a generation running for a known time (tests.support.pacing); others are unaffected.
+    "engine_args": {"logits_processors": [PACER]},
 }
 
 
@@ -80,7 +91,7 @@ def engine_gateway(
              "reasoning_parser": "deepseek_r1",
              # Tests shape the thinking with a regex too, so the constraint must apply inside it.
              "structured_outputs": {**ENGINE_SETTINGS["structured_outputs"], "enable_in_reasoning": True}},
-            {**model, "name": EMBED, "runner": "pooling", "convert": "embed"},
+            {**model, "name": EMBED, "runner": "pooling", "convert": "embed", "engine_args": {}},
             remote_model(fake_provider, REMOTE, "gpt-4o"),
         ],
         "agents": [{"name": AGENT, "model": PLAIN, "tools": ["calculator", "current_time"], "max_steps": 2,

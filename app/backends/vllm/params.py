@@ -71,6 +71,9 @@ def sampling_kwargs(request: ChatCompletionRequest | CompletionRequest, max_logp
     for key, value in (request.model_extra or {}).items():
         if key in _HARMLESS or key in handled or value is None:
             continue
+        if key == "vllm_xargs":
+            kwargs["extra_args"] = _extension_args(value)
+            continue
         expected = _EXTRAS.get(key)
         if expected is None:
             raise invalid_request(f"Unsupported parameter: '{key}' is not supported by this model.", key)
@@ -78,6 +81,22 @@ def sampling_kwargs(request: ChatCompletionRequest | CompletionRequest, max_logp
             raise invalid_request(f"Invalid value for '{key}': wrong type.", key)
         kwargs[key] = value
     return kwargs
+
+
+def _extension_args(value: object) -> dict[str, Any]:
+    """vLLM's ``vllm_xargs``: request arguments for the engine's custom logits processors (``engine_args``'
+    ``logits_processors``), which validate their own; the shape is vLLM's."""
+    if isinstance(value, dict) and all(_is_extension_value(v) for v in value.values()):
+        return value
+    raise invalid_request("Invalid value for 'vllm_xargs': must map names to strings, numbers or lists of them.",
+                          "vllm_xargs")
+
+
+def _is_extension_value(value: object) -> bool:
+    scalar = (str, int, float)
+    if isinstance(value, list):
+        return all(isinstance(item, scalar) and not isinstance(item, bool) for item in value)
+    return isinstance(value, scalar) and not isinstance(value, bool)
 
 
 def structured_output(request: ChatCompletionRequest | CompletionRequest) -> dict[str, Any] | None:
