@@ -10,27 +10,29 @@ import os
 import resource
 import signal
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from functools import partial
+from multiprocessing.synchronize import Event as EventType
 from socketserver import ThreadingMixIn
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
+import hypercorn.asyncio.run as hypercorn_asyncio_run
 from hypercorn.asyncio.run import worker_serve
-from hypercorn.config import Config
+from hypercorn.config import Config, Sockets
 from hypercorn.run import run
-from hypercorn.utils import load_application
+from hypercorn.utils import check_multiprocess_shutdown_event, load_application
 
-from app import metrics, streaming
+from app import draining, metrics
 from app.auth import KeyChecker
 from app.connections import HeliosConfig
 from app.errors import APIError, not_ready
 from app.settings import MetricsSettings, Settings
 
 APPLICATION_PATH = "app.asgi:app"
-#: seconds before the graceful timeout at which the streams still open are ended with an error event: time
-#: for that last event to reach the clients before Hypercorn closes their connections
-STREAMS_END_EARLY = 0.5
+#: seconds before the graceful timeout at which what is still in flight is ended (app.draining): time for
+#: that last event or answer to reach the clients before Hypercorn closes their connections
+END_EARLY = 0.5
 log = logging.getLogger(__name__)
 
 
@@ -125,15 +127,21 @@ def serve(settings: Settings) -> int:
         start_metrics_listener(settings.metrics, settings.server.host)
     config = hypercorn_config(settings)
     if config.workers:
-        # Hypercorn's supervisor tells its workers to stop through an event of its own, out of our reach: they
-        # drain as Hypercorn does, and a stream still open at the graceful timeout is cut without an error event.
+        # Hypercorn's supervisor starts the workers by name: each runs _worker below.
+        hypercorn_asyncio_run.asyncio_worker = hypercorn_asyncio_run.uvloop_worker = _worker
         return run(config)
-    _serve_in_process(config)
+    _serve(config, partial(_until_signalled, config.graceful_timeout))
     return 0
 
 
-def _serve_in_process(config: Config) -> None:
-    """What Hypercorn's ``run`` does with no worker processes, with our own shutdown trigger."""
+def _worker(config: Config, sockets: Sockets | None = None, shutdown_event: EventType | None = None) -> None:
+    """A Hypercorn worker process (its ``uvloop_worker``), stopping on its supervisor's event with our drain."""
+    assert shutdown_event is not None
+    _serve(config, partial(_until_signalled, config.graceful_timeout, shutdown_event), sockets)
+
+
+def _serve(config: Config, shutdown_trigger: Callable[[], Awaitable[None]], sockets: Sockets | None = None) -> None:
+    """What Hypercorn's ``run`` does in a serving process, with our own shutdown trigger."""
     application = load_application(config.application_path, config.wsgi_max_body_size)
     loop_factory = None
     if config.worker_class == "uvloop":
@@ -141,29 +149,40 @@ def _serve_in_process(config: Config) -> None:
 
         loop_factory = uvloop.new_event_loop
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(worker_serve(application, config,
-                                shutdown_trigger=partial(_until_signalled, config.graceful_timeout)))
+        runner.run(worker_serve(application, config, sockets=sockets, shutdown_trigger=shutdown_trigger))
     # Everything is closed. The interpreter's exit would still walk every object left for a last garbage
     # collection (seconds with torch imported); they die with the process anyway.
     gc.freeze()
 
 
-async def _until_signalled(graceful_timeout: float) -> None:
+async def _until_signalled(graceful_timeout: float, supervisor: EventType | None = None) -> None:
     """Return on SIGTERM or SIGINT, which starts Hypercorn's drain (listener closed, in-flight requests
-    awaited for ``graceful_timeout``), after arming the end of the streams that will still be open then: at the
-    timeout Hypercorn closes their connections mid-stream, which a client cannot tell from a network failure."""
+    awaited for ``graceful_timeout``), after arming the end of what will still be in flight then: at the timeout
+    Hypercorn closes their connections mid-stream, which a client cannot tell from a network failure.
+
+    A worker returns on its supervisor's event (which the supervisor sets on SIGTERM or SIGINT; workers
+    ignore SIGINT) or on a SIGTERM of its own. Once draining, a SIGTERM changes nothing: Hypercorn's supervisor
+    sends one to every worker still draining as soon as one of them has exited."""
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
-    for number in (signal.SIGTERM, signal.SIGINT):
+    for number in (signal.SIGTERM, signal.SIGINT) if supervisor is None else (signal.SIGTERM,):
         loop.add_signal_handler(number, signalled.set)
-    await signalled.wait()
+    waits: list[asyncio.Future[object]] = [asyncio.ensure_future(signalled.wait())]
+    if supervisor is not None:
+        waits.append(asyncio.ensure_future(check_multiprocess_shutdown_event(supervisor, asyncio.sleep)))
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in waits:
+            waiting.cancel()
     log.info("shutting down: new connections refused, in-flight requests get %g s to finish", graceful_timeout)
-    loop.call_later(max(0.0, graceful_timeout - STREAMS_END_EARLY), _end_open_streams, graceful_timeout)
+    loop.call_later(max(0.0, graceful_timeout - END_EARLY), _end_in_flight, graceful_timeout)
 
 
-def _end_open_streams(graceful_timeout: float) -> None:
+def _end_in_flight(graceful_timeout: float) -> None:
     error = not_ready(f"The server is shutting down and this response did not finish within its "
                       f"{graceful_timeout:g} s graceful timeout; retry the request.")
-    ended = streaming.end_open_streams(error)
-    if ended:
-        log.warning("graceful timeout: ended %d open stream(s) with an error event", ended)
+    streams, calls = draining.end_in_flight(error)
+    if streams or calls:
+        log.warning("graceful timeout: ended %d open stream(s) with an error event and answered %d waiting "
+                    "request(s) with a 503", streams, calls)

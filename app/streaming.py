@@ -91,72 +91,81 @@ def response_error_frame(error: APIError) -> bytes:
 RESPONSES_FRAMING = Framing(b"".join, b"", response_error_frame)
 
 
-def _size(item: object) -> int:
-    return sum(map(len, item)) if isinstance(item, list) else 0
+class _ReadAhead:
+    """The batches between the backend's reader and the client's writer: one of each. The writer takes all
+    that is ready at once; the reader waits while what is not taken yet reaches the bound in bytes (a batch
+    larger than the bound still goes in, so a stream always moves). Not an ``asyncio.Queue``: its three deques
+    are most of what a held stream costs, and a writer that takes everything needs no per-item queue."""
+
+    __slots__ = ("_bound", "_bytes", "_end", "_payloads", "_waiter")
+
+    def __init__(self, bound: int) -> None:
+        self._bound = bound
+        self._payloads: list[bytes] = []
+        self._bytes = 0
+        self._end: object = None
+        # Only one side ever waits: the writer when nothing is ready, the reader when the bound is reached.
+        self._waiter: asyncio.Future[None] | None = None
+
+    async def put(self, batch: list[bytes]) -> None:
+        self._payloads += batch
+        self._bytes += sum(map(len, batch))
+        self._wake()
+        if self._bytes >= self._bound:
+            await self._wait()
+
+    def finish(self, end: object) -> None:
+        """What ends the stream after the batches put (``_END`` or an exception); the first one counts."""
+        if self._end is None:
+            self._end = end
+        self._wake()
+
+    async def take(self) -> tuple[list[bytes], object]:
+        """Every payload ready now (waiting for one), and what ended the stream if that came too."""
+        if not self._payloads and self._end is None:
+            await self._wait()
+        payloads, self._payloads, self._bytes = self._payloads, [], 0
+        self._wake()
+        return payloads, self._end
+
+    async def _wait(self) -> None:
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        await waiter
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
 
 
-class _ReadAhead(asyncio.Queue[object]):
-    """Batches between the backend's reader and the client's writer, bounded by the bytes they hold; a batch
-    larger than the bound still goes in once the queue is empty, so a stream always moves."""
-
-    _bytes = 0
-
-    def _put(self, item: object) -> None:
-        super()._put(item)  # _put and _get: how asyncio's own LIFO and priority queues shape theirs
-        self._bytes += _size(item)
-
-    def _get(self) -> object:
-        item: object = super()._get()
-        self._bytes -= _size(item)
-        return item
-
-    def full(self) -> bool:
-        return self._bytes >= self.maxsize
-
-
-async def _pump(chunks: ChunkStream, queue: asyncio.Queue[object], observer: StreamObserver) -> None:
-    """Read the backend as fast as it produces, up to the queue's bound (then it waits: backpressure)."""
+async def _pump(chunks: ChunkStream, read_ahead: _ReadAhead, observer: StreamObserver) -> None:
+    """Read the backend as fast as it produces, up to the read-ahead bound (then it waits: backpressure)."""
     clock = time.perf_counter
     try:
         async for batch in chunks:
             observer.chunks_arrived(clock())
-            await queue.put(batch)
-        await queue.put(_END)
+            await read_ahead.put(batch)
+        read_ahead.finish(_END)
     except Exception as exc:  # handed to the writer, which reports it as an error event
-        await queue.put(exc)
-
-
-def _drain(queue: asyncio.Queue[object], first: object) -> tuple[list[bytes], object]:
-    """Every payload ready now, and what ended the stream (``_END`` or an exception) if that came too."""
-    payloads: list[bytes] = []
-    item = first
-    while True:
-        if not isinstance(item, list):
-            return payloads, item
-        payloads += item
-        if queue.empty():
-            return payloads, None
-        item = queue.get_nowait()
+        read_ahead.finish(exc)
 
 
 class _Open:
     """A stream being written, as :func:`end_open_streams` reaches it."""
 
-    __slots__ = ("pump", "queue")
+    __slots__ = ("pump", "read_ahead")
 
-    def __init__(self, queue: asyncio.Queue[object]) -> None:
-        self.queue = queue
+    def __init__(self, read_ahead: _ReadAhead) -> None:
+        self.read_ahead = read_ahead
         self.pump: asyncio.Task[None] | None = None
 
     def end(self, error: APIError) -> None:
-        # The writer takes the error next, whether it waits for the queue or for the client now.
+        # The writer takes the error next, whether it waits for the backend or for the client now.
         if self.pump is not None:
             self.pump.cancel()
-        queue = self.queue
-        if queue.full():
-            while not queue.empty():
-                queue.get_nowait()
-        queue.put_nowait(error)
+        self.read_ahead.finish(error)
 
 
 #: the streams being written: what shutdown ends at its graceful timeout
@@ -167,8 +176,8 @@ def end_open_streams(error: APIError) -> int:
     """End every stream being written with ``error`` as its last event, after what it is sending now; how many.
 
     The backend's reading stops at once (its request is released as on a client's leaving); the batches read
-    ahead and not sent yet are dropped when they would leave no room for the error, so the answer is cut short
-    but never has a gap."""
+    ahead (at most ``READ_AHEAD_BYTES``) go out before the error, so the answer is cut short but never has a
+    gap. A stream whose end was read already ends as it would have."""
     streams = list(_open)
     _open.clear()
     for stream in streams:
@@ -185,22 +194,21 @@ async def _frame(
     # Reading and writing run apart after the first batch: the writer takes everything that piled up while
     # the client's socket was busy and sends it as one write, instead of one write (and one wake-up of the
     # client) per chunk. The first batch goes out without waiting for the reader task to start.
-    queue: asyncio.Queue[object] = _ReadAhead(READ_AHEAD_BYTES)
+    read_ahead = _ReadAhead(READ_AHEAD_BYTES)
     pump: asyncio.Task[None] | None = None
-    current = _Open(queue)
+    current = _Open(read_ahead)
     _open.add(current)
     try:
         if first:
             observer.first_chunk_relayed(clock())
             yield framing.frame(first)
-        current.pump = pump = asyncio.create_task(_pump(chunks, queue, observer))
+        current.pump = pump = asyncio.create_task(_pump(chunks, read_ahead, observer))
         last_pause = clock()
         while True:
             waited = clock()
-            item = await queue.get()
+            payloads, end = await read_ahead.take()
             now = clock()
             observer.backend_seconds += now - waited
-            payloads, end = _drain(queue, item)
             if payloads:
                 yield framing.frame(payloads)
                 # Time spent suspended in the yield is the client (or its socket buffer) taking the bytes.

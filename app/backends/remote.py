@@ -29,7 +29,11 @@ _ERROR_EVENT = re.compile(rb'^\s*\{\s*"error"\s*:')
 # A Responses stream ends with one of these (an error event included); no [DONE] follows.
 _LAST_EVENT = re.compile(rb'^\s*\{\s*"type"\s*:\s*"(?:response\.(?:completed|incomplete|failed)|error)"')
 _RETRY_HEADER = "x-stainless-retry-count"
-_JSON_HEADERS = {"Content-Type": "application/json"}
+_JSON_HEADERS: dict[str, str | openai.Omit] = {"Content-Type": "application/json"}
+# The client's telemetry headers (x-stainless-os, -arch, -runtime-version, ...) describe this appliance, not
+# the caller, and each one costs every request three copies (the client's, the transport's, aiohttp's), held
+# for a stream's whole life. The retry count stays: it is how retries are counted.
+_TELEMETRY = "x-stainless-"
 # Statuses whose provider message is about the client's own request, so it is passed on as it is.
 _CLIENT_STATUSES = frozenset({400, 404, 409, 413, 422})
 _INCLUDE_USAGE = b'{"include_usage":true}'
@@ -41,6 +45,7 @@ class RemoteBackend(Backend):
         self.settings = settings
         self.owned_by = settings.upstream_name.split("/")[0] if "/" in settings.upstream_name else "remote"
         self._client: openai.AsyncOpenAI | None = None
+        self._headers = _JSON_HEADERS
         self._upstream_name = encode_string(settings.upstream_name)
         self._encoded_names = {name: encode_string(name) for name in settings.served_names}
         self.relays_responses = settings.speaks_responses
@@ -62,6 +67,10 @@ class RemoteBackend(Backend):
         # provider's account headers to every provider configured here.
         self._client.organization = self.settings.organization
         self._client.project = self.settings.project
+        configured = {name.lower() for name in self.settings.extra_headers}
+        omitted = [name for name in (*self._client.default_headers, f"{_TELEMETRY}read-timeout")
+                   if name.lower().startswith(_TELEMETRY) and name.lower() not in {*configured, _RETRY_HEADER}]
+        self._headers = {**_JSON_HEADERS, **dict.fromkeys(omitted, openai.omit)}
 
     async def close(self) -> None:
         if self._client is not None:
@@ -252,7 +261,7 @@ class RemoteBackend(Backend):
         try:
             response = await self._client.post(
                 path, cast_to=httpx2.Response, content=payload,
-                options={"headers": _JSON_HEADERS}, stream=stream,
+                options={"headers": self._headers}, stream=stream,
             )
         except openai.APIConnectionError as exc:  # APITimeoutError included
             if _timed_out(exc):

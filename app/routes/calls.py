@@ -13,6 +13,7 @@ from quart import Response, g, request
 
 from app import metrics
 from app.backends.base import Backend, ChunkStream
+from app.draining import answer_of
 from app.errors import APIError, from_validation_error, invalid_request, model_not_found, not_ready
 from app.exchange import Exchange
 from app.state import app_state
@@ -78,7 +79,7 @@ async def timed(call: Awaitable[_Result]) -> _Result:
     exchange: Exchange = g.exchange
     started = time.perf_counter()
     try:
-        return await call
+        return await answer_of(call)
     finally:
         exchange.backend_seconds += time.perf_counter() - started
 
@@ -89,7 +90,7 @@ def json_response(body: bytes) -> Response:
 
 async def stream_response(chunks: ChunkStream, framing: Framing = CHAT_FRAMING) -> Response:
     exchange: Exchange = g.exchange
-    response = await sse_response(chunks, exchange, framing)
+    response = await answer_of(sse_response(chunks, exchange, framing))
     # From here the stream reports its own end; a failure before its first chunk was an ordinary error.
     exchange.stream = True
     return response

@@ -19,7 +19,7 @@ import pytest
 
 from tests.e2e.gateway import eventually
 from tests.support.engine import ENGINE_SETTINGS, engine_env, paced
-from tests.support.fake_provider import FakeProvider, remote_model
+from tests.support.fake_provider import FakeProvider, Fault, remote_model
 from tests.support.fixtures import HeliosFactory
 from tests.support.openapi import validate
 from tests.support.server import HeliosProcess
@@ -50,10 +50,15 @@ async def _chat(http: httpx2.AsyncClient, model: str, **params: Any) -> Outcome:
     return Outcome(response.status_code, body=response.json(), ended=time.monotonic())
 
 
+
 async def _stream(http: httpx2.AsyncClient, model: str, **params: Any) -> Outcome:
     body = {"model": model, "messages": USER, "stream": True, **params}
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
         outcome = Outcome(response.status_code)
+        if response.status_code != 200:  # answered before the stream began: a JSON error
+            outcome.body = json.loads(await response.aread())
+            outcome.ended = time.monotonic()
+            return outcome
         # A connection cut before the chunked body's end raises here (httpx: incomplete chunked read).
         async for line in response.aiter_lines():
             if line.startswith("data: "):
@@ -111,6 +116,29 @@ def _assert_cut_with_an_error(outcome: Outcome) -> dict[str, Any]:
     return error
 
 
+def _assert_answered_503(outcome: Outcome) -> None:
+    """A request still waiting for its answer (or a stream for its first chunk) at the graceful timeout: an
+    OpenAI-shaped 503, not Hypercorn's bare 500 or a closed connection."""
+    body = outcome.body
+    assert outcome.status == 503, (body, outcome.events)
+    validate("ErrorResponse", body)
+    assert body["error"]["type"] == "service_unavailable_error"
+    assert "shutting down" in body["error"]["message"]
+
+
+def _stuck(provider: FakeProvider) -> list[dict[str, Any]]:
+    """Models whose provider never answers: "hang" (no status line) and "silent" (headers, then nothing)."""
+    provider.set_fault(Fault("hang"), model="gpt-hang")
+    provider.set_fault(Fault("slow_first_chunk", delay=120), model="gpt-silent")
+    return [remote_model(provider, "hang", "gpt-hang"), remote_model(provider, "silent", "gpt-silent")]
+
+
+def _stuck_calls(http: httpx2.AsyncClient) -> list[Any]:
+    """One of each kind of request that waits at the graceful timeout: plain and streaming on the model that
+    never answers, a stream whose first chunk never comes."""
+    return [_chat(http, "hang"), _stream(http, "hang"), _stream(http, "silent")]
+
+
 def _assert_completed(outcome: Outcome) -> None:
     assert outcome.status == 200, outcome.events[-1:]
     assert outcome.events[-1] == "[DONE]", outcome.events[-2:]
@@ -126,7 +154,7 @@ def test_sigterm_with_200_requests_in_flight_on_a_remote_model(
     grace = 10.0
     gateway = helios({"server": {"graceful_timeout": grace},
                       "models": [remote_model(provider, "slow", f"slow-{SLOW_SECONDS}"),
-                                 remote_model(provider, "trickle", "slow-chunks-100")]})
+                                 remote_model(provider, "trickle", "slow-chunks-100"), *_stuck(provider)]})
     halves, endless = 100, 4
     finished: list[Outcome] = []
 
@@ -143,6 +171,7 @@ def test_sigterm_with_200_requests_in_flight_on_a_remote_model(
                 *(_chat(http, "slow") for _ in range(halves)),
                 *(_stream(http, "trickle", max_tokens=FINITE_WORDS) for _ in range(halves)),
                 *(_stream(http, "trickle") for _ in range(endless)),  # 1000 words: 100 s
+                *_stuck_calls(http),
             )]
             await _when(lambda: provider.request_count() >= len(tasks), 20, "every request at the provider")
             assert not finished, "requests finished before SIGTERM: fewer than 200 were in flight"
@@ -158,7 +187,8 @@ def test_sigterm_with_200_requests_in_flight_on_a_remote_model(
     failures = [o for o in outcomes if isinstance(o, BaseException)]
     assert not failures, failures[:3]
     results = [o for o in outcomes if isinstance(o, Outcome)]
-    plain, streams, cut = results[:halves], results[halves:2 * halves], results[2 * halves:]
+    plain, streams = results[:halves], results[halves:2 * halves]
+    cut, stuck = results[2 * halves:2 * halves + endless], results[2 * halves + endless:]
     for outcome in plain:
         assert outcome.status == 200, outcome.body
         validate("CreateChatCompletionResponse", outcome.body)
@@ -169,6 +199,9 @@ def test_sigterm_with_200_requests_in_flight_on_a_remote_model(
     for outcome in cut:
         _assert_cut_with_an_error(outcome)
         # Held to the end of the graceful timeout, then ended just before it.
+        assert signalled + grace - 2 < outcome.ended < signalled + grace, outcome.ended - signalled
+    for outcome in stuck:
+        _assert_answered_503(outcome)
         assert signalled + grace - 2 < outcome.ended < signalled + grace, outcome.ended - signalled
     assert code == 0, gateway.logs()[-3000:]
     assert exited - signalled < grace + 3
@@ -227,3 +260,40 @@ def test_sigterm_with_engine_streams_in_flight(engine_appliance: HeliosProcess) 
     # machine twice the time measured here.
     print(f"engine shutdown after the last stream: {engine_exit:.2f} s")
     assert engine_exit < 6.0, engine_exit
+
+
+def test_sigterm_with_several_workers_ends_what_is_in_flight_as_one_worker_does(
+    helios: HeliosFactory, provider: FakeProvider
+) -> None:
+    """Hypercorn's supervisor stops its workers through an event of its own; each worker drains as the
+    single-worker server does."""
+    grace = 4.0
+    gateway = helios({"server": {"graceful_timeout": grace, "workers": 2},
+                      "models": [remote_model(provider, "trickle", "slow-chunks-100"), *_stuck(provider)]})
+    endless, rounds = 4, 2  # several of each, spread over the workers as the kernel hands out the connections
+
+    async def scenario() -> tuple[list[Outcome], float]:
+        async with httpx2.AsyncClient(base_url=gateway.base_url, timeout=grace + 30) as http:
+            tasks = [asyncio.ensure_future(call) for call in (
+                *(_stream(http, "trickle") for _ in range(endless)),
+                *(call for _ in range(rounds) for call in _stuck_calls(http)),
+            )]
+            await _when(lambda: provider.request_count() >= len(tasks), 20, "every request at the provider")
+            signalled = time.monotonic()
+            gateway.send_signal(signal.SIGTERM)
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), grace + 20)
+        return list(outcomes), signalled
+
+    outcomes, signalled = asyncio.run(scenario())
+    code, exited, left = _exit_of(gateway, grace + 10)
+    assert exited - signalled < grace + 3
+    for outcome in outcomes[:endless]:
+        _assert_cut_with_an_error(outcome)
+    for outcome in outcomes[endless:]:
+        _assert_answered_503(outcome)
+    for outcome in outcomes:
+        assert signalled + grace - 2 < outcome.ended < signalled + grace, outcome.ended - signalled
+    assert code == 0, gateway.logs()[-3000:]
+    # multiprocessing's resource tracker outlives the supervisor by a moment: it ends when its pipe closes.
+    assert all("resource_tracker" in cmd for cmd in left.values()), left
+    eventually(lambda: not gateway.group(), 5, "the resource tracker to end")
