@@ -46,6 +46,8 @@ def gateway(fake_provider: FakeProvider) -> Iterator[HeliosProcess]:
             remote_model(fake_provider, "e500", "error-500", max_retries=2),
             remote_model(fake_provider, "garbage", "garbage"),
             remote_model(fake_provider, "slow", "slow-5", timeout=1),
+            {**remote_model(fake_provider, "headed", "gpt-4o"),
+             "extra_headers": {"X-Team": "search", "X-Stainless-Lang": "helios"}},
             {**remote_model(fake_provider, "down", "gpt-4o"), "base_url": f"http://127.0.0.1:{closed_port}/v1"},
             {**{k: v for k, v in remote_model(fake_provider, "nokey", "gpt-4o").items() if k != "api_key"},
              "api_key_env": "HELIOS_TEST_UNSET_KEY"},
@@ -92,6 +94,21 @@ def test_chat_non_streaming_relays_the_provider_answer(oa: openai.OpenAI, fake_p
     usage = data["usage"]
     assert usage["prompt_tokens"] == 4
     assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_provider_calls_carry_no_client_telemetry_headers(oa: openai.OpenAI, fake_provider: FakeProvider) -> None:
+    for model in ("gpt-test", "headed"):
+        oa.chat.completions.create(model=model, messages=USER)
+        sent = fake_provider.requests[-1].headers
+        stainless = {name for name in sent if name.startswith("x-stainless-")}
+        if model == "gpt-test":
+            # The retry count stays: the appliance counts retries by it.
+            assert stainless == {"x-stainless-retry-count"}, sent
+        else:
+            assert stainless == {"x-stainless-retry-count", "x-stainless-lang"}, sent
+            assert (sent["x-stainless-lang"], sent["x-team"]) == ("helios", "search")
+        assert sent["user-agent"].startswith("AsyncOpenAI/Python")
+        assert sent["authorization"] == "Bearer sk-upstream-secret"
 
 
 def test_alias_with_slash_is_echoed_as_asked(oa: openai.OpenAI) -> None:
