@@ -22,7 +22,7 @@ import pytest
 from openai import AsyncOpenAI
 
 from tests.e2e.gateway import client, created_response, eventually, output_text, response_events
-from tests.support.engine import HERMES
+from tests.support.engine import HERMES, paced
 from tests.support.openapi import validate
 from tests.support.server import HeliosProcess
 
@@ -216,8 +216,9 @@ def test_a_required_function_call_then_its_output_via_previous_response_id(oa: o
 
 def test_a_client_that_leaves_mid_stream_aborts_the_engine_request(gateway: HeliosProcess) -> None:
     before = _sample(_metrics(gateway), "vllm:generation_tokens_total", f'model_name="{MODEL}"')
+    # Paced (900 steps of at least 5 ms), so the engine is surely still generating when the client leaves.
     body = {"model": MODEL, "input": "Tell me about the weather.", "max_output_tokens": 900, "ignore_eos": True,
-            "stream": True}
+            "stream": True, **paced(5)}
     with httpx2.Client(base_url=gateway.base_url, timeout=60) as http:
         with http.stream("POST", "/v1/responses", json=body) as response:
             assert response.status_code == 200

@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.gateway import client, eventually, validated_chunks
-from tests.support.engine import ENGINE_SETTINGS, engine_env
+from tests.support.engine import ENGINE_SETTINGS, engine_env, paced
 from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.server import HeliosProcess
 
@@ -32,6 +32,8 @@ BURST = 12
 # Exact lengths (a random model may emit EOS at any step); as long as the context allows, to stay busy.
 BUSY_TOKENS = 400
 EXACT = {"ignore_eos": True}
+#: a busy stream: exact, and paced (400 steps of at least 5 ms), so the engine stays full on a fast machine too
+BUSY = {**EXACT, **paced(5)}
 USER = [{"role": "user", "content": "Tell me about the weather in Paris."}]
 #: far beyond the engine's max_model_len, trivial for the remote provider
 LONG = [{"role": "user", "content": "word " * (2 * MAX_MODEL_LEN)}]
@@ -169,7 +171,7 @@ def _burst(gateway: HeliosProcess) -> tuple[list[_Stream | BaseException], dict[
 
     async def one(oa: openai.AsyncOpenAI) -> _Stream:
         async with oa.chat.completions.with_streaming_response.create(
-            model=POOL, messages=USER, max_tokens=BUSY_TOKENS, stream=True, extra_body=EXACT,  # type: ignore[arg-type]
+            model=POOL, messages=USER, max_tokens=BUSY_TOKENS, stream=True, extra_body=BUSY,  # type: ignore[arg-type]
             stream_options={"include_usage": True},
         ) as response:
             payloads = [line[6:].encode() async for line in response.iter_lines() if line.startswith("data: ")]

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.e2e.gateway import client, eventually, stream_payloads, validated_chunks, wait_for_log
-from tests.support.engine import ENGINE_SETTINGS, engine_env, paced
+from tests.support.engine import EMBED, ENGINE_SETTINGS, HERMES, PLAIN, THINK, engine_env, paced
 from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.openapi import COMPLETION_STREAM_SCHEMA, validate
 from tests.support.server import HeliosProcess, run_cli
@@ -373,6 +373,18 @@ def test_vllm_metrics_are_exposed_unchanged(gateway: HeliosProcess) -> None:
     assert re.search(rf'^vllm:num_requests_running\{{[^}}]*model_name="{MODEL}"', openmetrics.text, re.M)
     assert openmetrics.text.rstrip().endswith("# EOF")
     assert _metric(gateway, "helios_backend_ready", f'model="{MODEL}"') == 1
+
+
+def test_every_engines_vllm_metrics_are_exposed(engine_gateway: HeliosProcess) -> None:
+    # vLLM's own logger drops the vllm:* metrics already registered when an engine starts: with several
+    # engines in one process, only the last one loaded used to be on /metrics.
+    text = httpx2.get(f"{engine_gateway.base_url}/metrics").text
+    for name in ("vllm:num_requests_running", "vllm:prompt_tokens_total", "vllm:kv_cache_usage_perc"):
+        served = set(re.findall(rf'^{re.escape(name)}\{{[^}}]*model_name="([^"]+)"', text, re.M))
+        assert served == {PLAIN, HERMES, THINK, EMBED}, (name, served)
+    # One family per name, as Prometheus requires: the engines' samples merged under one HELP and TYPE.
+    family = "vllm:num_requests_running"
+    assert len(re.findall(rf"^# (?:HELP|TYPE) {re.escape(family)} ", text, re.M)) == 2
 
 
 def test_engine_refuses_several_workers_and_reports_load_failures(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 from app import metrics
 from app.backends.base import Backend, CallStats, ChunkStream
+from app.backends.vllm.engine_metrics import stat_logger
 from app.backends.vllm.generation import Admission, Generation, Slot, TokenCount, client_error, merge
 from app.backends.vllm.names import VLLMNames, import_vllm
 from app.backends.vllm.outputs import Outputs
@@ -75,7 +76,7 @@ class VLLMBackend(Backend):
         check_parser_names(self.settings, vllm)
         args = vllm.AsyncEngineArgs(**self._engine_args(vllm))
         started = time.perf_counter()
-        self._engine = engine = await asyncio.to_thread(vllm.AsyncLLM.from_engine_args, args)
+        self._engine = engine = await asyncio.to_thread(_new_engine, vllm, args)
         self._processes = _engine_processes(engine)
         tokenizer = engine.get_tokenizer()
         config = engine.model_config
@@ -533,3 +534,8 @@ def _kill(processes: list[Any]) -> None:
                 process.kill()
         except psutil.Error:
             continue  # it ended meanwhile
+
+
+def _new_engine(vllm: VLLMNames, args: Any) -> Any:
+    # The stat logger is vLLM's Prometheus one, in a registry of this engine's own (engine_metrics).
+    return vllm.AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger()])
