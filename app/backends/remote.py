@@ -67,9 +67,9 @@ class RemoteBackend(Backend):
         # provider's account headers to every provider configured here.
         self._client.organization = self.settings.organization
         self._client.project = self.settings.project
-        configured = {name.lower() for name in self.settings.extra_headers}
+        kept = {_RETRY_HEADER, *(name.lower() for name in self.settings.extra_headers)}
         omitted = [name for name in (*self._client.default_headers, f"{_TELEMETRY}read-timeout")
-                   if name.lower().startswith(_TELEMETRY) and name.lower() not in {*configured, _RETRY_HEADER}]
+                   if name.lower().startswith(_TELEMETRY) and name.lower() not in kept]
         self._headers = {**_JSON_HEADERS, **dict.fromkeys(omitted, openai.omit)}
 
     async def close(self) -> None:

@@ -50,7 +50,6 @@ async def _chat(http: httpx2.AsyncClient, model: str, **params: Any) -> Outcome:
     return Outcome(response.status_code, body=response.json(), ended=time.monotonic())
 
 
-
 async def _stream(http: httpx2.AsyncClient, model: str, **params: Any) -> Outcome:
     body = {"model": model, "messages": USER, "stream": True, **params}
     async with http.stream("POST", "/v1/chat/completions", json=body) as response:
