@@ -13,21 +13,33 @@ Here the first bytes of a request that leave its headers incomplete swap that ti
 arrive whole in one read (every ordinary client) never touch the timer, so the hot path costs one comparison
 per read. The request body has its own deadline in the routes (``app.routes.calls.read_body``).
 
-Hypercorn's worker builds a ``TCPServer`` per connection by name, so :class:`_Connection` replaces it when
-this module is imported: by ``app.server`` in the serving process, and, with several workers, in each spawned
-worker when it unpickles its :class:`HeliosConfig`, before it opens a connection.
+Each request's ASGI receive channel is an :class:`_Inbox` instead of Hypercorn's ``asyncio.Queue``: the queue's
+three deques and its Event are 3 KB a connection, held for a stream's whole life by a channel that carries a
+request's one body message and its disconnect. And a read with no ``read_timeout`` (the default) is awaited as it
+is, not through ``wait_for``, which would make a task per read.
+
+Hypercorn's worker builds a ``TCPServer`` (and its task group) per connection by name, so :class:`_Connection`
+and :class:`_TaskGroup` replace them when this module is imported: by ``app.server`` in the serving process, and,
+with several workers, in each spawned worker when it unpickles its :class:`HeliosConfig`, before it opens a
+connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
+from functools import partial
 from ssl import SSLError
+from typing import Any
 
 import hypercorn.asyncio.run as hypercorn_run
+import hypercorn.asyncio.tcp_server as hypercorn_tcp_server
+from hypercorn.asyncio.task_group import TaskGroup, _handle
 from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.typing import AppWrapper, ASGIReceiveEvent, ASGISendEvent, Scope
 
 
 class HeliosConfig(Config):
@@ -55,8 +67,10 @@ class _Connection(TCPServer):
     async def _read_data(self) -> None:
         # Hypercorn 0.18's loop, with the check after each read.
         while not self.reader.at_eof():
+            timeout = self.config.read_timeout
             try:
-                data = await asyncio.wait_for(self.reader.read(MAX_RECV), self.config.read_timeout)
+                read = self.reader.read(MAX_RECV)
+                data = await (read if timeout is None else asyncio.wait_for(read, timeout))
             except (ConnectionError, OSError, TimeoutError, SSLError):
                 break
             updates = self._updates
@@ -74,10 +88,73 @@ class _Connection(TCPServer):
         await asyncio.shield(self._initiate_server_close())
 
 
+class _Inbox:
+    """A request's ASGI receive events, from Hypercorn's protocol to the app, at most ``limit`` waiting (the
+    queue's bound: a client sending a body faster than the app takes it is made to wait)."""
+
+    __slots__ = ("_events", "_limit", "_waiters")
+
+    def __init__(self, limit: int) -> None:
+        self._events: list[ASGIReceiveEvent] = []
+        self._limit = limit
+        # Hardly ever more than one: the app waiting for an event, or the protocol for room.
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def put(self, event: ASGIReceiveEvent) -> None:
+        while 0 < self._limit <= len(self._events):
+            await self._wait()
+        self._events.append(event)
+        self._wake()
+
+    async def get(self) -> ASGIReceiveEvent:
+        while not self._events:
+            await self._wait()
+        event = self._events.pop(0)
+        self._wake()
+        return event
+
+    async def _wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._waiters.remove(waiter)
+
+    def _wake(self) -> None:
+        # Every waiter looks again (put and get loop on their condition), so none is left behind.
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+
+class _TaskGroup(TaskGroup):
+    """Hypercorn's connection task group, giving each request an :class:`_Inbox`."""
+
+    async def spawn_app(
+        self,
+        app: AppWrapper,
+        config: Config,
+        scope: Scope,
+        send: Callable[[ASGISendEvent | None], Awaitable[None]],
+    ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
+        inbox = _Inbox(config.max_app_queue_size)
+        self.spawn(_handle, app, config, scope, inbox.get, send, partial(self._loop.run_in_executor, None),
+                   self._call_soon)
+        return inbox.put
+
+    def _call_soon(self, func: Callable[..., Coroutine[Any, Any, Any]], *args: Any) -> Any:
+        # For an app's synchronous code running in the executor: the coroutine runs on the loop.
+        return asyncio.run_coroutine_threadsafe(func(*args), self._loop).result()
+
+
 def install() -> None:
-    """Make Hypercorn's asyncio (and uvloop) workers serve connections with :class:`_Connection`."""
+    """Make Hypercorn's asyncio (and uvloop) workers serve connections with :class:`_Connection` and
+    :class:`_TaskGroup`."""
     if vars(hypercorn_run).get("TCPServer") is TCPServer:
         hypercorn_run.TCPServer = _Connection  # type: ignore[attr-defined]  # imported there, not exported
+    if vars(hypercorn_tcp_server).get("TaskGroup") is TaskGroup:
+        hypercorn_tcp_server.TaskGroup = _TaskGroup  # type: ignore[attr-defined]  # the name its run() looks up
 
 
 install()

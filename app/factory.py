@@ -13,6 +13,7 @@ from quart_schema import Info, QuartSchema
 from werkzeug.exceptions import HTTPException
 
 from app import __version__, metrics
+from app.asgi_connection import HTTPConnection, Request
 from app.auth import KeyChecker
 from app.backends.registry import Registry
 from app.errors import APIError, from_http_status, internal_error
@@ -34,6 +35,8 @@ _CORS_HEADERS = ("Authorization, Content-Type, X-Request-ID, OpenAI-Organization
 
 def create_app(settings: Settings) -> Quart:
     app = Quart("helios-serve")
+    app.request_class = Request
+    app.asgi_http_class = HTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     # Generation can legitimately take minutes; Quart's 60 s response cut-off would truncate it.
     app.config["RESPONSE_TIMEOUT"] = None

@@ -147,6 +147,7 @@ async def _pump(chunks: ChunkStream, read_ahead: _ReadAhead, observer: StreamObs
         async for batch in chunks:
             observer.chunks_arrived(clock())
             await read_ahead.put(batch)
+            del batch  # see sse_data: not held while the next is awaited
         read_ahead.finish(_END)
     except Exception as exc:  # handed to the writer, which reports it as an error event
         read_ahead.finish(exc)
@@ -213,6 +214,7 @@ async def _frame(
                 yield framing.frame(payloads)
                 # Time spent suspended in the yield is the client (or its socket buffer) taking the bytes.
                 observer.client_seconds += clock() - now
+            del payloads  # see sse_data
             if isinstance(end, BaseException):
                 raise end
             if end is _END:
@@ -279,6 +281,10 @@ async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
 
     The first event comes alone, before the rest of its read is split: a fast provider's first read can
     hold a whole answer, and the first token should not wait for all of it.
+
+    What was yielded is let go of before the next read is awaited, here and in the stream's other stages: a
+    held stream is idle nearly all its life, and a stage holding its last chunk while it waits (the split
+    events, the payloads, the batch) costs a copy of that chunk per stage per open stream (3 KB measured).
     """
     buffer = b""
     first = True
@@ -293,19 +299,27 @@ async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
             while data is None and b"\n\n" in buffer:
                 event, _, buffer = buffer.partition(b"\n\n")
                 data = _event_data(event)
+            del event
             if data is not None:
                 first = False
                 yield [data]
+            del data
             if b"\n\n" not in buffer:
                 continue
-        *events, buffer = buffer.split(b"\n\n")
-        batch = [data for data in map(_event_data, events) if data is not None]
+        batch, buffer = _split(buffer)
         if batch:
             yield batch
+        del batch
     if buffer.strip():
         data = _event_data(buffer.strip(b"\n"))
         if data is not None:
             yield [data]
+
+
+def _split(buffer: bytes) -> tuple[list[bytes], bytes]:
+    """The payloads of the whole events in ``buffer``, and what follows the last one."""
+    *events, rest = buffer.split(b"\n\n")
+    return [data for data in map(_event_data, events) if data is not None], rest
 
 
 def _event_data(event: bytes) -> bytes | None:

@@ -198,6 +198,7 @@ class RemoteBackend(Backend):
                 if not ended and _LAST_EVENT.match(batch[-1]):
                     ended = True
                 yield batch
+                del batch  # see app.streaming.sse_data
         except (httpx2.HTTPError, ValueError) as exc:
             raise self._broken(exc, stats) from None
         finally:
@@ -236,6 +237,7 @@ class RemoteBackend(Backend):
                     yield relayed
                 if finished:
                     break
+                del batch, relayed, data  # see app.streaming.sse_data
         except (httpx2.HTTPError, ValueError) as exc:
             raise self._broken(exc, stats) from None
         finally:

@@ -1,0 +1,120 @@
+"""Quart's handling of one HTTP request, with what a held stream pays for and never uses taken out.
+
+A stream holds its request's objects for its whole life, so their size is the appliance's memory per open
+stream. Quart's request body keeps two ``asyncio.Event`` objects (a deque each, 1.7 KB) and a copy of the body
+in a ``bytearray`` after it was read; and it sends every response through ``asyncio.wait_for``, which is a task
+of its own (0.8 KB) even with no time limit, as ours always is (``RESPONSE_TIMEOUT = None``). Both are Quart's
+documented extension points (``Request.body_class``, ``Quart.asgi_http_class``); the behaviour is Quart's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Generator
+from typing import Any, cast
+
+from hypercorn.typing import ASGISendCallable
+from quart import Request as QuartRequest
+from quart import Response
+from quart.asgi import ASGIHTTPConnection, _handle_exception
+from quart.wrappers.request import Body
+from werkzeug.exceptions import RequestEntityTooLarge
+
+
+class RequestBody(Body):
+    """A request body as Quart's: awaited whole, or iterated in parts, by one reader at a time. Its parts are
+    kept as they arrived and joined once (a body in one part, the usual case, is never copied), and a future
+    is made only when the reader has to wait."""
+
+    def __init__(self, expected_content_length: int | None, max_content_length: int | None) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._done = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._max_content_length = max_content_length
+        # Raised in the app's reading, not in the ASGI receiving that finds it (Quart's contract).
+        self._must_raise: Exception | None = None
+        if expected_content_length is not None and max_content_length is not None \
+                and expected_content_length > max_content_length:
+            self._must_raise = RequestEntityTooLarge()
+
+    def __aiter__(self) -> RequestBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._parts and not self._done and self._must_raise is None:
+            await self._wait()
+        if self._must_raise is not None:
+            raise self._must_raise
+        if not self._parts:
+            raise StopAsyncIteration()
+        data = self._joined()
+        self.clear()
+        return data
+
+    def __await__(self) -> Generator[Any, None, bytes]:
+        while not self._done and self._must_raise is None:
+            yield from self._wait().__await__()
+        if self._must_raise is not None:
+            raise self._must_raise
+        return self._joined()
+
+    def append(self, data: bytes) -> None:
+        if not data or self._must_raise is not None:
+            return
+        self._parts.append(data)
+        self._size += len(data)
+        if self._max_content_length is not None and self._size > self._max_content_length:
+            self._must_raise = RequestEntityTooLarge()
+            self.clear()
+            self.set_complete()
+        self._wake()
+
+    def set_complete(self) -> None:
+        self._done = True
+        self._wake()
+
+    def clear(self) -> None:
+        self._parts = []
+        self._size = 0
+
+    def _joined(self) -> bytes:
+        if len(self._parts) > 1:
+            self._parts = [b"".join(self._parts)]
+        return self._parts[0] if self._parts else b""
+
+    async def _wait(self) -> None:
+        self._waiter = waiter = asyncio.get_running_loop().create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+
+class Request(QuartRequest):
+    body_class = RequestBody
+
+
+class HTTPConnection(ASGIHTTPConnection):
+    """Quart's ASGI HTTP connection, sending a response with no time limit in the request's own task."""
+
+    async def handle_request(self, request: QuartRequest, send: ASGISendCallable) -> None:
+        try:
+            response = await self.app.handle_request(request)
+        except Exception as error:
+            response = await _handle_exception(self.app, error)
+        if isinstance(response, Response) and response.timeout != Ellipsis:
+            timeout = cast(float | None, response.timeout)
+        else:
+            timeout = self.app.config["RESPONSE_TIMEOUT"]
+        if timeout is None:
+            await self._send_response(send, response)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._send_response(send, response), timeout=timeout)
