@@ -5,21 +5,27 @@ stream. Quart's request body keeps two ``asyncio.Event`` objects (a deque each, 
 in a ``bytearray`` after it was read; and it sends every response through ``asyncio.wait_for``, which is a task
 of its own (0.8 KB) even with no time limit, as ours always is (``RESPONSE_TIMEOUT = None``). Both are Quart's
 documented extension points (``Request.body_class``, ``Quart.asgi_http_class``); the behaviour is Quart's.
+Quart also runs each request in a task beside its receiving one (here it runs in Hypercorn's), keeps the last
+part it sent of a stream while it waits for the next, and encodes each response's headers anew, though
+Hypercorn keeps them for the response's life and most are the same from one response to the next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Generator
+import functools
+from collections.abc import Generator, Iterable
 from typing import Any, cast
 
-from hypercorn.typing import ASGISendCallable
+from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPResponseBodyEvent
 from quart import Request as QuartRequest
 from quart import Response
 from quart.asgi import ASGIHTTPConnection, _handle_exception
+from quart.typing import ResponseTypes
 from quart.wrappers.request import Body
 from werkzeug.exceptions import RequestEntityTooLarge
+from werkzeug.wrappers import Response as WerkzeugResponse
 
 
 class RequestBody(Body):
@@ -102,7 +108,36 @@ class Request(QuartRequest):
 
 
 class HTTPConnection(ASGIHTTPConnection):
-    """Quart's ASGI HTTP connection, sending a response with no time limit in the request's own task."""
+    """Quart's ASGI HTTP connection, handling the request in the task Hypercorn gave it. Quart runs it in a
+    task of its own beside the one receiving, and waits for either; here only the receiving has a task, and
+    the client leaving (what ends it) cancels the request, as in Quart."""
+
+    async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        request = self._create_request_from_scope(send)
+        task = asyncio.current_task()
+        assert task is not None
+        handling = True
+
+        def client_left(_: object) -> None:
+            # Run by the loop after the receiver ended, maybe after the request did: then it is too late.
+            if handling:
+                task.cancel()
+
+        receiver = asyncio.ensure_future(self.handle_messages(request, receive))
+        receiver.add_done_callback(client_left)
+        try:
+            await self.handle_request(request, send)
+        except asyncio.CancelledError:
+            if not receiver.done():
+                raise  # cancelled from outside (Hypercorn), not by the client leaving
+            task.uncancel()
+        finally:
+            handling = False
+            receiver.remove_done_callback(client_left)
+            receiver.cancel()
+            await asyncio.gather(receiver, return_exceptions=True)
+        if not receiver.cancelled() and receiver.exception() is not None:
+            raise cast(BaseException, receiver.exception())
 
     async def handle_request(self, request: QuartRequest, send: ASGISendCallable) -> None:
         try:
@@ -118,3 +153,31 @@ class HTTPConnection(ASGIHTTPConnection):
             return
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._send_response(send, response), timeout=timeout)
+
+    async def _send_response(self, send: ASGISendCallable, response: ResponseTypes) -> None:
+        headers = [_encoded_header(name, value) for name, value in response.headers.items()]
+        await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        if isinstance(response, WerkzeugResponse):
+            parts: Iterable[str | bytes] = response.response
+            for data in parts:
+                await send(_body_message(data))
+        else:
+            async with response.response as body:
+                # A held stream waits here for its next part nearly all its life: no local keeps the last one.
+                async for data in body:
+                    await send(_body_message(data))
+                    del data
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+# Hypercorn keeps a response's start message, headers included, until the response ends.
+@functools.lru_cache(maxsize=1024)
+def _encoded_header(name: str, value: str) -> tuple[bytes, bytes]:
+    """A response header as ASGI sends it (Quart's encoding); the same pair, as most of ours are from one
+    response to the next, shares one tuple instead of a tuple and two bytes per response held."""
+    return name.lower().encode(), value.encode()
+
+
+def _body_message(data: str | bytes) -> HTTPResponseBodyEvent:
+    return {"type": "http.response.body", "body": data.encode() if isinstance(data, str) else data, "more_body": True}
+
