@@ -17,7 +17,7 @@ import statistics
 import time
 
 from bench.procs import rss_bytes
-from tests.e2e.raw_http import chat_body, connect, http_request, raise_fd_limit, read_answer
+from tests.e2e.raw_http import chat_body, connect, http_request, raise_fd_limit, read_answer, sse_payloads
 from tests.support.fake_provider import FakeProvider
 from tests.support.fixtures import HeliosFactory
 from tests.support.server import HeliosProcess, basic_config
@@ -124,6 +124,38 @@ async def test_a_stalled_body_gets_a_408_within_the_body_timeout(
     writer.write(request[-len(body) // 2:])
     assert (await read_answer(reader)).status == 200
     writer.close()
+
+
+async def test_a_body_in_many_parts_is_read_whole(helios: HeliosFactory, provider: FakeProvider) -> None:
+    """A chunked body in 300 parts: first trickled (the request waits for each part), then all at once (far more
+    parts than the receive channel holds, so the connection's reading waits for the app): read whole and in order,
+    for a plain answer and for a stream."""
+    gateway = _gateway(helios, provider)
+    words = [f"w{i:03d}" for i in range(300)]
+    for stream in (False, True):
+        body = chat_body("m", stream=stream, text=" ".join(words))
+        parts = [body[i:i + 7] for i in range(0, len(body), 7)]
+        reader, writer = await connect(gateway.port)
+        writer.write(f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1:{gateway.port}\r\n"
+                     "Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+        for i, part in enumerate(parts):
+            writer.write(b"%x\r\n%s\r\n" % (len(part), part))
+            if i < 20:
+                await writer.drain()
+                await asyncio.sleep(0.01)
+        writer.write(b"0\r\n\r\n")
+        async with asyncio.timeout(10):
+            answer = await read_answer(reader)
+        writer.close()
+        assert answer.status == 200, answer.body[:200]
+        sent = provider.last_request.body
+        assert sent["messages"] == [{"role": "user", "content": " ".join(words)}]
+        if stream:
+            text = "".join(json.loads(p)["choices"][0]["delta"].get("content") or ""
+                           for p in sse_payloads(answer.body) if p != b"[DONE]" and json.loads(p)["choices"])
+        else:
+            text = json.loads(answer.body)["choices"][0]["message"]["content"]
+        assert text == "echo: " + " ".join(words)
 
 
 class _Attack:
