@@ -49,15 +49,15 @@ def eventually(predicate: Callable[[], bool], timeout: float = 10.0, what: str =
         time.sleep(0.02)
 
 
-def wait_for_log(process: HeliosProcess, needle: str, timeout: float = 10.0) -> str:
-    """The first log line containing ``needle``, waiting for it to be written."""
+def wait_for_log(process: HeliosProcess, *needles: str, timeout: float = 10.0) -> str:
+    """The first log line containing every one of ``needles``, waiting for it to be written."""
     found: list[str] = []
 
     def seen() -> bool:
-        found[:] = [line for line in process.logs().splitlines() if needle in line]
+        found[:] = [line for line in process.logs().splitlines() if all(needle in line for needle in needles)]
         return bool(found)
 
-    eventually(seen, timeout, f"log line with {needle!r}")
+    eventually(seen, timeout, f"log line with {' and '.join(map(repr, needles))}")
     return found[0]
 
 

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx2
@@ -16,18 +14,23 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.gateway import client, eventually, validated_chunks
-from tests.support.engine import ENGINE_SETTINGS, engine_env, paced
-from tests.support.fake_provider import FakeProvider, remote_model
+from tests.support.engine import (
+    LOCAL,
+    LOCAL_FALLBACK,
+    LOCAL_ONLY,
+    LOCAL_RUNNING,
+    LOCAL_SPILL_AT_WAITING,
+    POOL,
+    REMOTE,
+    SMALL_CONTEXT,
+    paced,
+)
+from tests.support.fake_provider import FakeProvider
 from tests.support.server import HeliosProcess
 
-LOCAL, REMOTE, POOL, LOCAL_ONLY, LOCAL_FALLBACK = "local", "remote", "pool", "local-only", "local-fallback"
-MAX_NUM_SEQS = 2
-MAX_QUEUE_DEPTH = 2
-SPILL_AT_WAITING = 1
-#: requests the pool lets into the engine: max_num_seqs running plus spill_at_waiting waiting (below the
-#: admission's own max_num_seqs + max_queue_depth, so a direct request still finds room)
-POOL_SHARE = MAX_NUM_SEQS + SPILL_AT_WAITING
-MAX_MODEL_LEN = 512
+#: requests the pool lets into the engine: LOCAL_RUNNING running plus LOCAL_SPILL_AT_WAITING waiting (below the
+#: admission's own LOCAL_RUNNING + LOCAL_WAITING, so a direct request still finds room)
+POOL_SHARE = LOCAL_RUNNING + LOCAL_SPILL_AT_WAITING
 BURST = 12
 # Exact lengths (a random model may emit EOS at any step); as long as the context allows, to stay busy.
 BUSY_TOKENS = 400
@@ -35,35 +38,13 @@ EXACT = {"ignore_eos": True}
 #: a busy stream: exact, and paced (400 steps of at least 5 ms), so the engine stays full on a fast machine too
 BUSY = {**EXACT, **paced(5)}
 USER = [{"role": "user", "content": "Tell me about the weather in Paris."}]
-#: far beyond the engine's max_model_len, trivial for the remote provider
-LONG = [{"role": "user", "content": "word " * (2 * MAX_MODEL_LEN)}]
+#: far beyond the engine's context, trivial for the remote provider
+LONG = [{"role": "user", "content": "word " * (2 * SMALL_CONTEXT)}]
 
 
 @pytest.fixture(scope="module")
-def gateway(
-    demo_model_dir: Path, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[HeliosProcess]:
-    scratch = tmp_path_factory.mktemp("routing-engine")
-    config: dict[str, Any] = {
-        "routing": {"backoff_base": 0.05, "backoff_max": 0.2},
-        "models": [
-            {"name": LOCAL, "model": str(demo_model_dir), **ENGINE_SETTINGS, "max_model_len": MAX_MODEL_LEN,
-             "max_num_seqs": MAX_NUM_SEQS, "max_queue_depth": MAX_QUEUE_DEPTH,
-             "spill_at_waiting": SPILL_AT_WAITING},
-            remote_model(fake_provider, REMOTE, "gpt-4o"),
-        ],
-        "pools": [
-            {"name": POOL, "members": [LOCAL, REMOTE], "strategy": "priority"},
-            {"name": LOCAL_ONLY, "members": [LOCAL], "context_window_fallbacks": [REMOTE]},
-            {"name": LOCAL_FALLBACK, "members": [LOCAL], "fallbacks": [REMOTE]},
-        ],
-    }
-    process = HeliosProcess(config, engine_env(scratch), workdir=scratch)
-    try:
-        process.start(wait_ready=True, timeout=300)
-        yield process
-    finally:
-        process.close()
+def gateway(engine_gateway: HeliosProcess) -> HeliosProcess:
+    return engine_gateway
 
 
 @pytest.fixture()
@@ -148,9 +129,9 @@ def test_a_prompt_too_long_for_the_engine_goes_to_the_remote_member(
     assert _routed(raw) == (REMOTE, "1")
     assert _metric(gateway, "helios_spillovers_total", pool=POOL, member=LOCAL, reason="context") == spilled + 2
     # So is a short prompt whose max_tokens the rest of the context cannot hold.
-    raw = oa.chat.completions.with_raw_response.create(model=POOL, messages=USER, max_tokens=MAX_MODEL_LEN)
+    raw = oa.chat.completions.with_raw_response.create(model=POOL, messages=USER, max_tokens=SMALL_CONTEXT)
     assert _routed(raw) == (REMOTE, "1")
-    raw = oa.completions.with_raw_response.create(model=POOL, prompt="one two", max_tokens=MAX_MODEL_LEN)
+    raw = oa.completions.with_raw_response.create(model=POOL, prompt="one two", max_tokens=SMALL_CONTEXT)
     assert _routed(raw) == (REMOTE, "1")
     assert _metric(gateway, "helios_spillovers_total", pool=POOL, member=LOCAL, reason="context") == spilled + 4
     assert _metric(gateway, "helios_pool_attempts_total", pool=POOL, member=LOCAL) == attempts
@@ -218,7 +199,7 @@ def test_a_burst_fills_the_engine_and_spills_the_rest_to_the_remote(
     local = [s for s in served if s.served_by == LOCAL]
     remote = [s for s in served if s.served_by == REMOTE]
     assert len(local) + len(remote) == BURST, [s.served_by for s in served]
-    assert MAX_NUM_SEQS <= len(local) <= POOL_SHARE, [s.served_by for s in served]
+    assert LOCAL_RUNNING <= len(local) <= POOL_SHARE, [s.served_by for s in served]
     assert {s.attempts for s in served} == {"1"}
     for stream in local:
         chunks = validated_chunks(stream.payloads)
@@ -232,10 +213,10 @@ def test_a_burst_fills_the_engine_and_spills_the_rest_to_the_remote(
     assert _metric(gateway, "helios_spillovers_total", pool=POOL, member=LOCAL, reason="queue") == (
         spilled + len(remote))
     # The engine ran as many as it could at once, and never more than the pool lets in (plus the direct one).
-    assert peaks["helios_engine_requests"] >= MAX_NUM_SEQS, peaks
+    assert peaks["helios_engine_requests"] >= LOCAL_RUNNING, peaks
     assert peaks["helios_engine_requests"] <= POOL_SHARE + 1, peaks
     # vLLM refreshes this gauge on its own schedule, so a scrape may catch it between steps.
-    assert 1 <= peaks["vllm:num_requests_running"] <= MAX_NUM_SEQS, peaks
+    assert 1 <= peaks["vllm:num_requests_running"] <= LOCAL_RUNNING, peaks
     # spill_at_waiting spills before the admission is full: a request for the engine by name still gets in.
     assert direct == 200
     # After the burst the pool goes local again.

@@ -6,7 +6,6 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,48 +15,39 @@ import openai
 import pytest
 
 from tests.e2e.gateway import client, eventually, stream_payloads, validated_chunks, wait_for_log
-from tests.support.engine import EMBED, ENGINE_SETTINGS, HERMES, PLAIN, THINK, engine_env, paced
-from tests.support.fake_provider import FakeProvider, remote_model
+from tests.support.engine import (
+    CAPPED,
+    CAPPED_ALIAS,
+    CAPPED_RETRY_AFTER,
+    CAPPED_RUNNING,
+    CAPPED_WAITING,
+    EMBED,
+    ENGINE_SETTINGS,
+    HERMES,
+    LOCAL,
+    LORA_BASE,
+    PLAIN,
+    REMOTE,
+    SMALL_CONTEXT,
+    TEMPLATE_CHECK,
+    THINK,
+    engine_env,
+    override_template,
+    paced,
+)
 from tests.support.openapi import COMPLETION_STREAM_SCHEMA, validate
 from tests.support.server import HeliosProcess, run_cli
 
-MODEL = "tiny"
+MODEL = CAPPED
 USER = [{"role": "user", "content": "Tell me about the weather in Paris."}]
 # ignore_eos makes lengths exact: a random model may otherwise emit EOS at any step.
 EXACT = {"ignore_eos": True}
-CAPACITY = 16  # max_num_seqs 8 running + max_queue_depth 8 waiting
+CAPACITY = CAPPED_RUNNING + CAPPED_WAITING
 
 
 @pytest.fixture(scope="module")
-def gateway(
-    demo_model_dir: Path, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[HeliosProcess]:
-    scratch = tmp_path_factory.mktemp("vllm")
-    template = scratch / "override.jinja"
-    template.write_text(_override_template(demo_model_dir))
-    config = {
-        "models": [
-            {"name": MODEL, "aliases": ["tiny-alias"], "model": str(demo_model_dir), **ENGINE_SETTINGS,
-             "max_num_seqs": 8, "max_queue_depth": 8, "retry_after": 2, "chat_template": str(template)},
-            remote_model(fake_provider, "remote", "gpt-4o"),
-        ],
-    }
-    process = HeliosProcess(config, engine_env(scratch), workdir=scratch)
-    try:
-        process.start(wait_ready=True, timeout=300)
-        yield process
-    finally:
-        process.close()
-
-
-TEMPLATE_CHECK = "helios-template-check"
-
-
-def _override_template(model_dir: Path) -> str:
-    """The model's own template, plus words that only a conversation opening with TEMPLATE_CHECK gets:
-    the override is observable without changing what any other test renders."""
-    own = (model_dir / "chat_template.jinja").read_text()
-    return f"{{% if messages[0]['content'] == '{TEMPLATE_CHECK}' %}}chat template override in use{{% endif %}}{own}"
+def gateway(engine_gateway: HeliosProcess) -> HeliosProcess:
+    return engine_gateway
 
 
 @pytest.fixture()
@@ -77,14 +67,14 @@ def _sample(text: str, name: str, labels: str) -> float:
 
 def test_chat_and_model_listing_side_by_side_with_a_remote_model(oa: openai.OpenAI) -> None:
     ids = {m.id for m in oa.models.list().data}
-    assert {MODEL, "tiny-alias", "remote"} <= ids
-    raw = oa.chat.completions.with_raw_response.create(model="tiny-alias", messages=USER, max_tokens=8)
+    assert {MODEL, CAPPED_ALIAS, REMOTE} <= ids
+    raw = oa.chat.completions.with_raw_response.create(model=CAPPED_ALIAS, messages=USER, max_tokens=8)
     data = raw.http_response.json()
     validate("CreateChatCompletionResponse", data)
-    assert data["model"] == "tiny-alias"
+    assert data["model"] == CAPPED_ALIAS
     assert data["choices"][0]["message"]["role"] == "assistant"
     assert data["choices"][0]["finish_reason"] in ("stop", "length")
-    remote = oa.chat.completions.create(model="remote", messages=USER)
+    remote = oa.chat.completions.create(model=REMOTE, messages=USER)
     assert remote.choices[0].message.content == "echo: " + USER[0]["content"]
 
 
@@ -109,7 +99,7 @@ def test_prompt_tokens_match_the_templated_prompt(oa: openai.OpenAI, demo_model_
     # The configured chat_template override is the one applied.
     check = [{"role": "user", "content": TEMPLATE_CHECK}]
     own = len(tokenizer.apply_chat_template(check, add_generation_prompt=True, tokenize=True))
-    override = _override_template(demo_model_dir)
+    override = override_template(demo_model_dir)
     overridden = tokenizer.encode(tokenizer.apply_chat_template(
         check, chat_template=override, add_generation_prompt=True, tokenize=False), add_special_tokens=False)
     assert len(overridden) > own
@@ -234,7 +224,7 @@ def test_bad_requests_are_400(oa: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as long_prompt:
         oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 800}])
     assert long_prompt.value.code == "context_length_exceeded"
-    assert "maximum context length is 512 tokens" in long_prompt.value.message
+    assert f"maximum context length is {SMALL_CONTEXT} tokens" in long_prompt.value.message
     validate("ErrorResponse", long_prompt.value.response.json())
     with pytest.raises(openai.BadRequestError) as unsupported:
         oa.chat.completions.create(model=MODEL, messages=USER, extra_body={"best_of_luck": 3})
@@ -247,12 +237,12 @@ def test_bad_requests_are_400(oa: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as too_long:
         oa.chat.completions.create(model=MODEL, messages=USER, max_tokens=100_000)
     assert too_long.value.param == "max_tokens" and too_long.value.code == "context_length_exceeded"
-    assert "100000 > 512 - " in too_long.value.message
+    assert f"100000 > {SMALL_CONTEXT} - " in too_long.value.message
     with pytest.raises(openai.BadRequestError) as too_long:
-        oa.chat.completions.create(model=MODEL, messages=USER, max_completion_tokens=600)
+        oa.chat.completions.create(model=MODEL, messages=USER, max_completion_tokens=SMALL_CONTEXT + 88)
     assert too_long.value.param == "max_completion_tokens"
     with pytest.raises(openai.BadRequestError) as too_long:
-        oa.completions.create(model=MODEL, prompt="hello", max_tokens=512)
+        oa.completions.create(model=MODEL, prompt="hello", max_tokens=SMALL_CONTEXT)
     assert too_long.value.param == "max_tokens"
     with pytest.raises(openai.BadRequestError) as image:
         oa.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": [
@@ -329,7 +319,7 @@ def test_requests_beyond_the_queue_limit_get_429(gateway: HeliosProcess, oa: ope
     assert limited, "the queue limit never answered 429"
     assert len(served) >= CAPACITY
     refusal = limited[0]
-    assert refusal.response.headers["retry-after"] == "2"
+    assert refusal.response.headers["retry-after"] == str(CAPPED_RETRY_AFTER)
     validate("ErrorResponse", refusal.response.json())
     for outcome in served:
         assert validated_chunks(outcome)[-1]["choices"][0]["finish_reason"] == "length"
@@ -358,7 +348,7 @@ def test_client_disconnect_aborts_the_engine_request(gateway: HeliosProcess) -> 
                "vLLM's own running count to drop")
     eventually(lambda: _metric(gateway, "helios_requests_in_flight", f'model="{MODEL}"') == 0, 10,
                "the request to leave the in-flight gauge")
-    wait_for_log(gateway, '"client_disconnected": true')
+    wait_for_log(gateway, f'"model": "{MODEL}"', '"client_disconnected": true')
 
 
 def test_vllm_metrics_are_exposed_unchanged(gateway: HeliosProcess) -> None:
@@ -381,14 +371,14 @@ def test_every_engines_vllm_metrics_are_exposed(engine_gateway: HeliosProcess) -
     text = httpx2.get(f"{engine_gateway.base_url}/metrics").text
     for name in ("vllm:num_requests_running", "vllm:prompt_tokens_total", "vllm:kv_cache_usage_perc"):
         served = set(re.findall(rf'^{re.escape(name)}\{{[^}}]*model_name="([^"]+)"', text, re.M))
-        assert served == {PLAIN, HERMES, THINK, EMBED}, (name, served)
+        assert served == {PLAIN, HERMES, THINK, EMBED, CAPPED, LORA_BASE, LOCAL}, (name, served)
     # One family per name, as Prometheus requires: the engines' samples merged under one HELP and TYPE.
     family = "vllm:num_requests_running"
     assert len(re.findall(rf"^# (?:HELP|TYPE) {re.escape(family)} ", text, re.M)) == 2
 
 
 def test_engine_refuses_several_workers_and_reports_load_failures(tmp_path: Path) -> None:
-    model = {"name": MODEL, "model": "/nonexistent/model", **ENGINE_SETTINGS}
+    model = {"name": "tiny", "model": "/nonexistent/model", **ENGINE_SETTINGS}
     workers = run_cli([], {"server": {"workers": 2}, "models": [model]}, timeout=30)
     assert workers.returncode == 2
     assert "server.workers: must be 1 when an embedded vllm model is configured" in workers.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +13,12 @@ import openai
 import pytest
 
 from tests.e2e.gateway import client, stream_payloads, validated_chunks
-from tests.support.engine import ENGINE_SETTINGS, engine_env, paced
+from tests.support.engine import ENGINE_SETTINGS, LORA, LORA_BASE, engine_env, paced
 from tests.support.lora import build_lora_adapter, reference_logprobs
 from tests.support.openapi import COMPLETION_STREAM_SCHEMA, validate
 from tests.support.server import HeliosProcess, free_port, run_cli
 
-BASE = "tiny"
-ADAPTER = "tiny-lora"
+BASE, ADAPTER = LORA_BASE, LORA
 USER = [{"role": "user", "content": "Tell me about the weather in Paris."}]
 # ignore_eos makes lengths exact: a random model may otherwise emit EOS at any step.
 EXACT = {"ignore_eos": True}
@@ -30,22 +28,8 @@ PROMPT_IDS = [1, 57, 300, 812, 1024, 77, 1500, 9, 402, 640]
 
 
 @pytest.fixture(scope="module")
-def gateway(
-    demo_model_dir: Path, demo_lora_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[HeliosProcess]:
-    scratch = tmp_path_factory.mktemp("vllm-lora")
-    config = {
-        "models": [
-            {"name": BASE, "model": str(demo_model_dir), **ENGINE_SETTINGS,
-             "lora_adapters": [{"name": ADAPTER, "path": str(demo_lora_dir)}]},
-        ],
-    }
-    process = HeliosProcess(config, engine_env(scratch), workdir=scratch)
-    try:
-        process.start(wait_ready=True, timeout=300)
-        yield process
-    finally:
-        process.close()
+def gateway(engine_gateway: HeliosProcess) -> HeliosProcess:
+    return engine_gateway
 
 
 @pytest.fixture()
@@ -102,7 +86,8 @@ def test_models_list_the_adapter_with_its_base_as_parent(gateway: HeliosProcess,
     listing = oa.models.with_raw_response.list().http_response.json()
     validate("ListModelsResponse", listing)
     cards = {card["id"]: card for card in listing["data"]}
-    assert set(cards) == {BASE, ADAPTER}
+    assert {BASE, ADAPTER} <= set(cards)
+    assert [card for card in cards.values() if card.get("parent")] == [cards[ADAPTER]], "one adapter served"
     assert cards[ADAPTER]["parent"] == BASE
     assert cards[ADAPTER]["owned_by"] == "vllm"
     assert "parent" not in cards[BASE]
@@ -111,7 +96,8 @@ def test_models_list_the_adapter_with_its_base_as_parent(gateway: HeliosProcess,
     assert card == cards[ADAPTER]
     ready = httpx2.get(gateway.url("/ready"))
     assert ready.status_code == 200
-    assert ready.json()["models"] == {BASE: "ready", ADAPTER: "ready"}
+    models = ready.json()["models"]
+    assert (models[BASE], models[ADAPTER]) == ("ready", "ready")
 
 
 def test_the_adapter_changes_seeded_chat_and_completions_reproducibly(oa: openai.OpenAI) -> None:
