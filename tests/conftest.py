@@ -9,13 +9,14 @@ not be installed fails; where a tool may be absent on a developer's machine it s
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
-from tests.support.engine import demo_model_dir, engine_gateway  # noqa: F401
+from tests.support.engine import demo_model_dir, engine_gateway, engine_gateway_loading  # noqa: F401
 from tests.support.fixtures import fake_provider, helios, provider  # noqa: F401
 from tests.support.lora import demo_lora_dir  # noqa: F401
 from tests.support.prometheus import PrometheusTools, PrometheusUnavailable, ensure_prometheus
@@ -96,6 +97,17 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
             if tool.may_skip and not in_ci():
                 pytest.skip(message)
             pytest.fail(f"{message} (CI must run this test)" if in_ci() else message, pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _engines_load_early(request: pytest.FixtureRequest) -> None:
+    """When a selected test needs the shared engine appliance, start it before the first test: its engines
+    take minutes to load on the CPU, which the tests before its first user (deploy, remote agents) cover."""
+    if any("engine_gateway" in _fixtures(item) for item in request.session.items):
+        # A failure here is kept by pytest and raised again to each test that needs the appliance; raised
+        # here, it would fail every test of the session instead.
+        with contextlib.suppress(Exception, pytest.fail.Exception, pytest.skip.Exception):
+            request.getfixturevalue("engine_gateway_loading")
 
 
 @pytest.fixture(scope="session")

@@ -97,13 +97,12 @@ def override_template(model_dir: Path) -> str:
 
 
 @pytest.fixture(scope="session")
-def engine_gateway(
+def engine_gateway_loading(
     demo_model_dir: Path, demo_lora_dir: Path, fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[HeliosProcess]:
-    """One appliance for the whole session: the demo model plain, with vLLM's hermes tool parser, with the
-    deepseek_r1 reasoning parser, as an embedding model, with admission limits, with a LoRA adapter, as a pool
-    member; an agent, pools and a remote model. Tests using it measure metrics as differences, since other
-    modules' requests accumulate."""
+    """The shared appliance (see engine_gateway), started: it answers /health while its engines load. The
+    session asks for it before its first test when any selected test needs engine_gateway (tests/conftest.py),
+    so that the engines load while the tests before that one run."""
     scratch = tmp_path_factory.mktemp("engine-gateway")
     template = scratch / "override.jinja"
     template.write_text(override_template(demo_model_dir))
@@ -138,7 +137,17 @@ def engine_gateway(
     }
     process = HeliosProcess(config, engine_env(scratch), workdir=scratch)
     try:
-        process.start(wait_ready=True, timeout=540)
+        process.start(timeout=60)
         yield process
     finally:
         process.close()
+
+
+@pytest.fixture(scope="session")
+def engine_gateway(engine_gateway_loading: HeliosProcess) -> HeliosProcess:
+    """One appliance for the whole session, ready: the demo model plain, with vLLM's hermes tool parser, with
+    the deepseek_r1 reasoning parser, as an embedding model, with admission limits, with a LoRA adapter, as a
+    pool member; an agent, pools and a remote model. Tests using it measure metrics as differences, since
+    other modules' requests accumulate."""
+    engine_gateway_loading.wait_healthy("/ready", timeout=540)
+    return engine_gateway_loading
