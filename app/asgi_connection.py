@@ -3,7 +3,7 @@
 A stream holds its request's objects for its whole life, so their size is the appliance's memory per open
 stream. Quart's request body keeps two ``asyncio.Event`` objects (a deque each, 1.7 KB) and a copy of the body
 in a ``bytearray`` after it was read; and it sends every response through ``asyncio.wait_for``, which is a task
-of its own (0.8 KB) even with no time limit, as ours always is (``RESPONSE_TIMEOUT = None``). Both are Quart's
+of its own (0.8 KB) even with no time limit, which ours never have. Both are Quart's
 documented extension points (``Request.body_class``, ``Quart.asgi_http_class``); the behaviour is Quart's.
 Quart also runs each request in a task beside its receiving one (here it runs in Hypercorn's), keeps the last
 part it sent of a stream while it waits for the next, and encodes each response's headers anew, though
@@ -13,22 +13,22 @@ Hypercorn keeps them for the response's life and most are the same from one resp
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import Generator, Iterable
 from typing import Any, cast
 
 from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPResponseBodyEvent
 from quart import Request as QuartRequest
-from quart import Response
 from quart.asgi import ASGIHTTPConnection, _handle_exception
 from quart.typing import ResponseTypes
 from quart.wrappers.request import Body
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from app.wakeup import Wakeup
 
-class RequestBody(Body):
+
+class RequestBody(Body, Wakeup):
     """A request body as Quart's: awaited whole, or iterated in parts, by one reader at a time. Its parts are
     kept as they arrived and joined once (a body in one part, the usual case, is never copied), and a future
     is made only when the reader has to wait."""
@@ -37,7 +37,7 @@ class RequestBody(Body):
         self._parts: list[bytes] = []
         self._size = 0
         self._done = False
-        self._waiter: asyncio.Future[None] | None = None
+        Wakeup.__init__(self)
         self._max_content_length = max_content_length
         # Raised in the app's reading, not in the ASGI receiving that finds it (Quart's contract).
         self._must_raise: Exception | None = None
@@ -90,18 +90,6 @@ class RequestBody(Body):
             self._parts = [b"".join(self._parts)]
         return self._parts[0] if self._parts else b""
 
-    async def _wait(self) -> None:
-        self._waiter = waiter = asyncio.get_running_loop().create_future()
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
 
 class Request(QuartRequest):
     body_class = RequestBody
@@ -110,7 +98,8 @@ class Request(QuartRequest):
 class HTTPConnection(ASGIHTTPConnection):
     """Quart's ASGI HTTP connection, handling the request in the task Hypercorn gave it. Quart runs it in a
     task of its own beside the one receiving, and waits for either; here only the receiving has a task, and
-    the client leaving (what ends it) cancels the request, as in Quart."""
+    the client leaving (what ends it) cancels the request, as in Quart. Responses have no time limit (Quart's
+    ``RESPONSE_TIMEOUT`` and ``Response.timeout`` are not applied): a long generation is not a hung one."""
 
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
         request = self._create_request_from_scope(send)
@@ -144,15 +133,7 @@ class HTTPConnection(ASGIHTTPConnection):
             response = await self.app.handle_request(request)
         except Exception as error:
             response = await _handle_exception(self.app, error)
-        if isinstance(response, Response) and response.timeout != Ellipsis:
-            timeout = cast(float | None, response.timeout)
-        else:
-            timeout = self.app.config["RESPONSE_TIMEOUT"]
-        if timeout is None:
-            await self._send_response(send, response)
-            return
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._send_response(send, response), timeout=timeout)
+        await self._send_response(send, response)
 
     async def _send_response(self, send: ASGISendCallable, response: ResponseTypes) -> None:
         headers = [_encoded_header(name, value) for name, value in response.headers.items()]

@@ -21,6 +21,7 @@ from quart import Response
 
 from app.backends.base import ChunkStream, close_stream
 from app.errors import APIError, internal_error
+from app.wakeup import Wakeup
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +92,13 @@ def response_error_frame(error: APIError) -> bytes:
 RESPONSES_FRAMING = Framing(b"".join, b"", response_error_frame)
 
 
-class _ReadAhead:
+class _ReadAhead(Wakeup):
     """The batches between the backend's reader and the client's writer: one of each. The writer takes all
     that is ready at once; the reader waits while what is not taken yet reaches the bound in bytes (a batch
     larger than the bound still goes in, so a stream always moves). Not an ``asyncio.Queue``: its three deques
     are most of what a held stream costs, and a writer that takes everything needs no per-item queue."""
 
-    __slots__ = ("_bound", "_bytes", "_end", "_payloads", "_waiter")
+    __slots__ = ("_bound", "_bytes", "_end", "_payloads")
 
     def __init__(self, bound: int) -> None:
         self._bound = bound
@@ -105,7 +106,7 @@ class _ReadAhead:
         self._bytes = 0
         self._end: object = None
         # Only one side ever waits: the writer when nothing is ready, the reader when the bound is reached.
-        self._waiter: asyncio.Future[None] | None = None
+        super().__init__()
 
     async def put(self, batch: list[bytes]) -> None:
         self._payloads += batch
@@ -127,17 +128,6 @@ class _ReadAhead:
         payloads, self._payloads, self._bytes = self._payloads, [], 0
         self._wake()
         return payloads, self._end
-
-    async def _wait(self) -> None:
-        self._waiter = waiter = asyncio.get_running_loop().create_future()
-        await waiter
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None:
-            self._waiter = None
-            if not waiter.done():
-                waiter.set_result(None)
 
 
 async def _pump(chunks: ChunkStream, read_ahead: _ReadAhead, observer: StreamObserver) -> None:
@@ -270,10 +260,8 @@ async def sse_response(
         observer.backend_seconds += clock() - waited
     if first:
         observer.chunks_arrived(clock())
-    response = Response(_frame(first, chunks, observer, framing), status=200, headers=SSE_HEADERS)
-    # Quart cuts responses after RESPONSE_TIMEOUT by default; a long generation is not a hung one.
-    response.timeout = None
-    return response
+    # No response time limit applies (app.asgi_connection): a long generation is not a hung one.
+    return Response(_frame(first, chunks, observer, framing), status=200, headers=SSE_HEADERS)
 
 
 async def sse_data(chunks: AsyncIterator[bytes]) -> AsyncIterator[list[bytes]]:
