@@ -38,8 +38,8 @@ def create_app(settings: Settings) -> Quart:
     app.request_class = Request
     app.asgi_http_class = HTTPConnection
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
-    # Generation can legitimately take minutes: no 60 s response cut-off (HTTPConnection applies none; this
-    # keeps Quart's own code paths, such as its test client, in agreement).
+    # Generation can legitimately take minutes: no 60 s response cut-off. HTTPConnection applies none; the
+    # setting says the same to any Quart code that reads it.
     app.config["RESPONSE_TIMEOUT"] = None
     QuartSchema(
         app,

@@ -83,7 +83,7 @@ LOCAL_RUNNING, LOCAL_WAITING, LOCAL_SPILL_AT_WAITING = 2, 2, 1
 POOL = "pool"  # LOCAL then REMOTE, by priority
 LOCAL_ONLY = "local-only"  # LOCAL alone, REMOTE as its context-window fallback
 LOCAL_FALLBACK = "local-fallback"  # LOCAL alone, REMOTE as its plain fallback
-#: the engines' context, where a test's prompt must not fit (every engine but the first three's 1024)
+#: the context of CAPPED, LORA_BASE and LOCAL, which a test's long prompt must exceed (the others have 1024)
 SMALL_CONTEXT = 512
 #: only a conversation opening with this gets the CAPPED model's template override
 TEMPLATE_CHECK = "helios-template-check"
@@ -108,7 +108,7 @@ def engine_gateway_loading(
     template.write_text(override_template(demo_model_dir))
     # Tool schemas take ~300 prompt tokens; leave room for the answer.
     model = {**ENGINE_SETTINGS, "model": str(demo_model_dir), "max_model_len": 1024}
-    small = {**ENGINE_SETTINGS, "model": str(demo_model_dir), "max_model_len": SMALL_CONTEXT}
+    small = {**model, "max_model_len": SMALL_CONTEXT}
     config = {
         # Quick retries, so that a test of a failing member does not wait for the default back-off.
         "routing": {"backoff_base": 0.05, "backoff_max": 0.2},
