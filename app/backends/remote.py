@@ -194,7 +194,7 @@ class RemoteBackend(Backend):
         """A Responses stream's event payloads as they come; the caller frames them and names the model."""
         ended = False
         try:
-            async for batch in sse_data(response.aiter_bytes()):
+            async for batch in sse_data(_body(response)):
                 if not ended and _LAST_EVENT.match(batch[-1]):
                     ended = True
                 yield batch
@@ -212,7 +212,7 @@ class RemoteBackend(Backend):
     ) -> AsyncIterator[list[bytes]]:
         finished = False
         try:
-            async for batch in sse_data(response.aiter_bytes()):
+            async for batch in sse_data(_body(response)):
                 relayed: list[bytes] = []
                 for data in batch:
                     if data == DONE:
@@ -279,6 +279,12 @@ class RemoteBackend(Backend):
             raise _status_error(self.name, exc) from None
         stats.retries = _retries(response)
         return response
+
+
+def _body(response: httpx2.Response) -> AsyncIterator[bytes]:
+    """A streamed body as it is read, decoded if it has a content-encoding. Without one, decoding is a
+    generator, a decoder and a chunker that pass every read through, and a held stream keeps them all its life."""
+    return response.aiter_bytes() if "content-encoding" in response.headers else response.aiter_raw()
 
 
 def _loads(data: bytes) -> dict[str, Any]:

@@ -38,6 +38,7 @@ def gateway(fake_provider: FakeProvider) -> Iterator[HeliosProcess]:
             remote_model(fake_provider, "long", "chunks-300"),
             remote_model(fake_provider, "slowstream", "slow-chunks-20"),
             remote_model(fake_provider, "midstream", "midstream-fail"),
+            remote_model(fake_provider, "gzipped", "gzip-stream"),
             remote_model(fake_provider, "stalls", "slow-chunks-1500", timeout=0.5),
             remote_model(fake_provider, "error-first", "error-event"),
             remote_model(fake_provider, "e400", "error-400"),
@@ -167,6 +168,16 @@ def test_streaming_n2_each_choice_finishes(oa: openai.OpenAI) -> None:
     chunks = validated_chunks(stream_payloads(oa, model="gpt-test", messages=USER, n=2))
     finished = {ch["index"] for c in chunks for ch in c["choices"] if ch["finish_reason"]}
     assert finished == {0, 1}
+
+
+def test_a_gzip_encoded_provider_stream_is_decoded(oa: openai.OpenAI, fake_provider: FakeProvider) -> None:
+    # Only a stream with a content-encoding goes through the client's decoding; it must still arrive whole.
+    plain = validated_chunks(stream_payloads(oa, model="gpt-test", messages=USER))
+    chunks = validated_chunks(stream_payloads(oa, model="gzipped", messages=USER))
+    assert fake_provider.requests[-1].model == "gzip-stream"
+    text = "".join(ch["delta"].get("content") or "" for c in chunks for ch in c["choices"])
+    assert text == "".join(ch["delta"].get("content") or "" for c in plain for ch in c["choices"]) != ""
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
 
 
 def test_tools_non_streaming(oa: openai.OpenAI) -> None:

@@ -7,6 +7,7 @@ Behaviour is picked by the request's ``model`` field:
 * ``error-NNN``: HTTP NNN with an OpenAI error body (429 adds ``Retry-After: 7``)
 * ``garbage``: 200, ``application/json`` content type, body ``<<<not json``
 * ``slow-N``: sleep N seconds (float allowed) before answering
+* ``gzip-stream``: streams are sent gzip-encoded (``Content-Encoding: gzip``), as a compressing proxy does
 * ``midstream-fail``: a few chunks (or half a JSON body), then the TCP connection is aborted
 * ``error-event``: streams answer 200 with an OpenAI ``error`` event as their only event (as providers do
   when a stream fails after the status was sent); non-streaming requests are answered normally
@@ -142,7 +143,7 @@ TOOL_ARGUMENT_FRAGMENTS = ('{"', "city", '":"', "Paris", '"}')
 FAKE_MODELS = ("gpt-4o", "gpt-4o-mini", "text-embedding-3-small")
 
 Json = dict[str, Any]
-BehaviourKind = Literal["normal", "error", "garbage", "midstream_fail", "error_event"]
+BehaviourKind = Literal["normal", "error", "garbage", "midstream_fail", "error_event", "gzip"]
 StreamOutcome = Literal["completed", "disconnected", "aborted"]
 FaultKind = Literal["status", "hang", "reset", "slow", "slow_first_chunk", "error_event_first"]
 _STREAM_ONLY_FAULTS = ("slow_first_chunk", "error_event_first")
@@ -335,6 +336,8 @@ def parse_behaviour(model: str) -> Behaviour:
         return Behaviour(kind="midstream_fail")
     if model == "error-event":
         return Behaviour(kind="error_event")
+    if model == "gzip-stream":
+        return Behaviour(kind="gzip")
     if match := re.fullmatch(r"error-(\d{3})", model):
         return Behaviour(kind="error", status=int(match[1]))
     if match := re.fullmatch(r"slow-chunks-(\d+(?:\.\d+)?)-(\d+)", model):
@@ -1642,6 +1645,8 @@ class FakeProvider:
         response = web.StreamResponse(headers={**self._headers(), "Cache-Control": "no-cache"})
         response.content_type = "text/event-stream"
         response.charset = "utf-8"
+        if behaviour.kind == "gzip":
+            response.enable_compression(web.ContentCoding.gzip)
         kind = fault.kind if fault is not None else None
         # Events sent before the connection is aborted, if it is to be.
         abort_after: int | None = None
