@@ -5,26 +5,38 @@ stream. Quart's request body keeps two ``asyncio.Event`` objects (a deque each, 
 in a ``bytearray`` after it was read; and it sends every response through ``asyncio.wait_for``, which is a task
 of its own (0.8 KB) even with no time limit, which ours never have. Both are Quart's
 documented extension points (``Request.body_class``, ``Quart.asgi_http_class``); the behaviour is Quart's.
-Quart also runs each request in a task beside its receiving one (here it runs in Hypercorn's), keeps the last
-part it sent of a stream while it waits for the next, and encodes each response's headers anew, though
-Hypercorn keeps them for the response's life and most are the same from one response to the next.
+Quart also runs each request in a task beside a receiving one (here it runs in Hypercorn's, and the receive
+events are handed over as they come), reaches it through two coroutines of its own and one of Hypercorn's that
+wait all the request's life (:class:`HypercornApp` calls the connection directly), makes a null session per
+request (:class:`NoSessions` shares one), keeps the last part it sent of a stream while it waits for the next,
+and encodes each response's headers anew, though Hypercorn keeps them for the response's life and most are the
+same from one response to the next.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Generator, Iterable
-from typing import Any, cast
+from collections.abc import Callable, Coroutine, Generator, Iterable
+from typing import Any
 
-from hypercorn.typing import ASGIReceiveCallable, ASGISendCallable, HTTPResponseBodyEvent
+from hypercorn.typing import (
+    ASGIReceiveCallable,
+    ASGIReceiveEvent,
+    ASGISendCallable,
+    HTTPResponseBodyEvent,
+    Scope,
+)
+from quart import Quart
 from quart import Request as QuartRequest
 from quart.asgi import ASGIHTTPConnection, _handle_exception
+from quart.sessions import NullSession, SecureCookieSessionInterface
 from quart.typing import ResponseTypes
 from quart.wrappers.request import Body
 from werkzeug.exceptions import RequestEntityTooLarge
 from werkzeug.wrappers import Response as WerkzeugResponse
 
+from app.connections import Inbox
 from app.wakeup import Wakeup
 
 
@@ -95,45 +107,63 @@ class Request(QuartRequest):
     body_class = RequestBody
 
 
+class NoSessions(SecureCookieSessionInterface):
+    """Quart's cookie sessions, which the API never uses (the app has no secret key, so every request gets a
+    null session that refuses writes): one null session is shared instead of one made per request."""
+
+    _null = NullSession()
+
+    async def make_null_session(self, app: Quart) -> NullSession:
+        return self._null
+
+
 class HTTPConnection(ASGIHTTPConnection):
     """Quart's ASGI HTTP connection, handling the request in the task Hypercorn gave it. Quart runs it in a
-    task of its own beside the one receiving, and waits for either; here only the receiving has a task, and
-    the client leaving (what ends it) cancels the request, as in Quart. Responses have no time limit (Quart's
+    task of its own beside one awaiting the receive events; here, on our connections (``app.connections``), the
+    events are handed over as they come, so a request has no task of its own, nor one receiving. The client
+    leaving (the disconnect event) cancels the request, as in Quart. Responses have no time limit (Quart's
     ``RESPONSE_TIMEOUT`` and ``Response.timeout`` are not applied): a long generation is not a hung one."""
 
     async def __call__(self, receive: ASGIReceiveCallable, send: ASGISendCallable) -> None:
+        inbox = getattr(receive, "__self__", None)
+        if not isinstance(inbox, Inbox):  # another server's receive channel: Quart's two tasks
+            await super().__call__(receive, send)
+            return
         request = self._create_request_from_scope(send)
         task = asyncio.current_task()
         assert task is not None
-        handling = True
+        body = request.body
+        left = False
 
-        def client_left(_: object) -> None:
-            # Run by the loop after the receiver ended, maybe after the request did: then it is too late.
-            if handling:
+        def received(event: ASGIReceiveEvent) -> None:
+            nonlocal left
+            if event["type"] == "http.request":
+                body.append(event.get("body", b""))
+                if not event.get("more_body", False):
+                    body.set_complete()
+            elif event["type"] == "http.disconnect" and not left:
+                left = True
                 task.cancel()
 
-        receiver = asyncio.ensure_future(self.handle_messages(request, receive))
-        receiver.add_done_callback(client_left)
+        inbox.deliver_to(received)
         try:
-            await self.handle_request(request, send)
+            await self._send_response(send, await self._response(request))
         except asyncio.CancelledError:
-            if not receiver.done():
+            if not left:
                 raise  # cancelled from outside (Hypercorn), not by the client leaving
             task.uncancel()
         finally:
-            handling = False
-            receiver.remove_done_callback(client_left)
-            receiver.cancel()
-            await asyncio.gather(receiver, return_exceptions=True)
-        if not receiver.cancelled() and receiver.exception() is not None:
-            raise cast(BaseException, receiver.exception())
+            # A disconnect after the request was handled finds nothing to cancel.
+            left = True
 
     async def handle_request(self, request: QuartRequest, send: ASGISendCallable) -> None:
+        await self._send_response(send, await self._response(request))
+
+    async def _response(self, request: QuartRequest) -> ResponseTypes:
         try:
-            response = await self.app.handle_request(request)
+            return await self.app.handle_request(request)
         except Exception as error:
-            response = await _handle_exception(self.app, error)
-        await self._send_response(send, response)
+            return await _handle_exception(self.app, error)
 
     async def _send_response(self, send: ASGISendCallable, response: ResponseTypes) -> None:
         headers = [_encoded_header(name, value) for name, value in response.headers.items()]
@@ -149,6 +179,25 @@ class HTTPConnection(ASGIHTTPConnection):
                     await send(_body_message(data))
                     del data
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class HypercornApp:
+    """A Quart app as Hypercorn's worker calls it (its ``AppWrapper``). An HTTP request goes to the app's
+    ``asgi_http_class`` at once, as ``Quart.__call__`` and ``Quart.asgi_app`` would hand it on, without their
+    coroutines and Hypercorn's own wrapper's waiting in every request for its whole life. Lifespan events, and
+    every request of an app whose ``asgi_app`` is wrapped in middleware, take Quart's way."""
+
+    __slots__ = ("_app", "_http")
+
+    def __init__(self, app: Quart) -> None:
+        self._app = app
+        self._http = None if "asgi_app" in vars(app) else app.asgi_http_class
+
+    def __call__(self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable,
+                 sync_spawn: Callable[..., Any], call_soon: Callable[..., Any]) -> Coroutine[Any, Any, None]:
+        if self._http is not None and scope["type"] == "http":
+            return self._http(self._app, scope)(receive, send)
+        return self._app(scope, receive, send)
 
 
 # Hypercorn keeps a response's start message, headers included, until the response ends.

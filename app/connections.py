@@ -13,10 +13,12 @@ Here the first bytes of a request that leave its headers incomplete swap that ti
 arrive whole in one read (every ordinary client) never touch the timer, so the hot path costs one comparison
 per read. The request body has its own deadline in the routes (``app.routes.calls.read_body``).
 
-Each request's ASGI receive channel is an :class:`_Inbox` instead of Hypercorn's ``asyncio.Queue``: the queue's
+Each request's ASGI receive channel is an :class:`Inbox` instead of Hypercorn's ``asyncio.Queue``: the queue's
 three deques and its Event are 3 KB a connection, held for a stream's whole life by a channel that carries a
-request's one body message and its disconnect. And a read with no ``read_timeout`` (the default) is awaited as it
-is, not through ``wait_for``, which would make a task per read.
+request's one body message and its disconnect; and our HTTP connection (``app.asgi_connection``) takes the events
+from it as they come instead of running a task to await them. Each connection's ``can_read`` event is an
+:class:`_Event`, not an ``asyncio.Event`` and its deque. And a read with no ``read_timeout`` (the default) is
+awaited as it is, not through ``wait_for``, which would make a task per read.
 
 Hypercorn's worker builds a ``TCPServer`` (and its task group) per connection by name, so :class:`_Connection`
 and :class:`_TaskGroup` replace them when this module is imported: by ``app.server`` in the serving process, and,
@@ -37,6 +39,7 @@ import hypercorn.asyncio.run as hypercorn_run
 import hypercorn.asyncio.tcp_server as hypercorn_tcp_server
 from hypercorn.asyncio.task_group import TaskGroup, _handle
 from hypercorn.asyncio.tcp_server import MAX_RECV, TCPServer
+from hypercorn.asyncio.worker_context import EventWrapper, WorkerContext
 from hypercorn.config import Config
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.typing import AppWrapper, ASGIReceiveEvent, ASGISendEvent, Scope
@@ -88,21 +91,26 @@ class _Connection(TCPServer):
         await asyncio.shield(self._initiate_server_close())
 
 
-class _Inbox:
+class Inbox:
     """A request's ASGI receive events, from Hypercorn's protocol to the app, at most ``limit`` waiting (the
-    queue's bound: a client sending a body faster than the app takes it is made to wait)."""
+    queue's bound: a client sending a body faster than the app takes it is made to wait), or handed to the
+    app as they come once it asks for that (:meth:`deliver_to`)."""
 
-    __slots__ = ("_events", "_limit", "_waiters")
+    __slots__ = ("_deliver", "_events", "_limit", "_waiters")
 
     def __init__(self, limit: int) -> None:
         self._events: list[ASGIReceiveEvent] = []
         self._limit = limit
         # Hardly ever more than one: the app waiting for an event, or the protocol for room.
         self._waiters: list[asyncio.Future[None]] = []
+        self._deliver: Callable[[ASGIReceiveEvent], None] | None = None
 
     async def put(self, event: ASGIReceiveEvent) -> None:
-        while 0 < self._limit <= len(self._events):
+        while self._deliver is None and 0 < self._limit <= len(self._events):
             await self._wait()
+        if self._deliver is not None:
+            self._deliver(event)
+            return
         self._events.append(event)
         self._wake()
 
@@ -112,6 +120,15 @@ class _Inbox:
         event = self._events.pop(0)
         self._wake()
         return event
+
+    def deliver_to(self, receiver: Callable[[ASGIReceiveEvent], None]) -> None:
+        """Hand every event to ``receiver`` as it is put (those waiting now first), instead of keeping it for
+        :meth:`get`: an app whose handling of an event never waits needs no task of its own to receive."""
+        self._deliver = receiver
+        events, self._events = self._events, []
+        for event in events:
+            receiver(event)
+        self._wake()
 
     async def _wait(self) -> None:
         waiter = asyncio.get_running_loop().create_future()
@@ -128,8 +145,47 @@ class _Inbox:
                 waiter.set_result(None)
 
 
+class _Event:
+    """Hypercorn's asyncio event (its ``WorkerContext.event_class``) without an ``asyncio.Event`` inside: a
+    connection keeps one (its protocol's ``can_read``) for its whole life, and an Event's deque of waiters is
+    most of its size. Waiters, when there are any, are futures in a list made for them."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] | None = None
+
+    async def clear(self) -> None:
+        self._set = False
+
+    async def set(self) -> None:
+        self._set = True
+        waiters, self._waiters = self._waiters, None
+        for waiter in waiters or ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        if self._waiters is None:
+            self._waiters = []
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            # A cancelled wait leaves; one that was woken is in no list any more.
+            if self._waiters is not None and waiter in self._waiters:
+                self._waiters.remove(waiter)
+
+    def is_set(self) -> bool:
+        return self._set
+
+
 class _TaskGroup(TaskGroup):
-    """Hypercorn's connection task group, giving each request an :class:`_Inbox`."""
+    """Hypercorn's connection task group, giving each request an :class:`Inbox`."""
 
     async def spawn_app(
         self,
@@ -138,7 +194,7 @@ class _TaskGroup(TaskGroup):
         scope: Scope,
         send: Callable[[ASGISendEvent | None], Awaitable[None]],
     ) -> Callable[[ASGIReceiveEvent], Awaitable[None]]:
-        inbox = _Inbox(config.max_app_queue_size)
+        inbox = Inbox(config.max_app_queue_size)
         self.spawn(_handle, app, config, scope, inbox.get, send, partial(self._loop.run_in_executor, None),
                    self._call_soon)
         return inbox.put
@@ -149,8 +205,10 @@ class _TaskGroup(TaskGroup):
 
 
 def install() -> None:
-    """Make Hypercorn's asyncio (and uvloop) workers serve connections with :class:`_Connection` and
-    :class:`_TaskGroup`."""
+    """Make Hypercorn's asyncio (and uvloop) workers serve connections with :class:`_Connection`,
+    :class:`_TaskGroup` and :class:`_Event`."""
+    if WorkerContext.event_class is EventWrapper:
+        WorkerContext.event_class = _Event
     if vars(hypercorn_run).get("TCPServer") is TCPServer:
         hypercorn_run.TCPServer = _Connection  # type: ignore[attr-defined]  # imported there, not exported
     if vars(hypercorn_tcp_server).get("TaskGroup") is TaskGroup:

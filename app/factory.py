@@ -13,7 +13,7 @@ from quart_schema import Info, QuartSchema
 from werkzeug.exceptions import HTTPException
 
 from app import __version__, metrics
-from app.asgi_connection import HTTPConnection, Request
+from app.asgi_connection import HTTPConnection, NoSessions, Request
 from app.auth import KeyChecker
 from app.backends.registry import Registry
 from app.errors import APIError, from_http_status, internal_error
@@ -37,6 +37,7 @@ def create_app(settings: Settings) -> Quart:
     app = Quart("helios-serve")
     app.request_class = Request
     app.asgi_http_class = HTTPConnection
+    app.session_interface = NoSessions()
     app.config["MAX_CONTENT_LENGTH"] = settings.server.max_body_bytes
     # Generation can legitimately take minutes: no 60 s response cut-off. HTTPConnection applies none; the
     # setting says the same to any Quart code that reads it.

@@ -21,9 +21,10 @@ import hypercorn.asyncio.run as hypercorn_asyncio_run
 from hypercorn.asyncio.run import worker_serve
 from hypercorn.config import Config, Sockets
 from hypercorn.run import run
-from hypercorn.utils import check_multiprocess_shutdown_event, load_application
+from hypercorn.utils import check_multiprocess_shutdown_event
 
 from app import draining, metrics
+from app.asgi_connection import HypercornApp
 from app.auth import KeyChecker
 from app.connections import HeliosConfig
 from app.errors import APIError, not_ready
@@ -142,7 +143,8 @@ def _worker(config: Config, sockets: Sockets | None = None, shutdown_event: Even
 
 def _serve(config: Config, shutdown_trigger: Callable[[], Awaitable[None]], sockets: Sockets | None = None) -> None:
     """What Hypercorn's ``run`` does in a serving process, with our own shutdown trigger."""
-    application = load_application(config.application_path, config.wsgi_max_body_size)
+    module, name = config.application_path.split(":")
+    application = HypercornApp(getattr(importlib.import_module(module), name))
     loop_factory = None
     if config.worker_class == "uvloop":
         import uvloop

@@ -14,10 +14,11 @@ class Wakeup:
     def __init__(self) -> None:
         self._waiter: asyncio.Future[None] | None = None
 
-    async def _wait(self) -> None:
-        """Until the other side calls :meth:`_wake` (callers check their condition again after)."""
+    def _wait(self) -> asyncio.Future[None]:
+        """What to await until the other side calls :meth:`_wake` (callers check their condition again after).
+        The future itself, not a coroutine awaiting it: a waiting stream keeps no frame for it."""
         self._waiter = waiter = asyncio.get_running_loop().create_future()
-        await waiter
+        return waiter
 
     def _wake(self) -> None:
         # Let go at once, not when the waiter resumes: a side that wakes the other and then waits itself puts
