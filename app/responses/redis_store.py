@@ -187,7 +187,7 @@ class RedisStore(ResponseStore):
                     down = True
             finally:
                 with contextlib.suppress(RedisError, OSError):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+                    await pubsub.aclose()
             await asyncio.sleep(delay)
             delay = min(_BACKOFF_MAX, delay * 2)
 
