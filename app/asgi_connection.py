@@ -147,6 +147,7 @@ class HTTPConnection(ASGIHTTPConnection):
 
         inbox.deliver_to(received)
         try:
+            # handle_request inlined: its frame would be held for a stream's whole life.
             await self._send_response(send, await self._response(request))
         except asyncio.CancelledError:
             if not left:
@@ -157,6 +158,7 @@ class HTTPConnection(ASGIHTTPConnection):
             left = True
 
     async def handle_request(self, request: QuartRequest, send: ASGISendCallable) -> None:
+        # Called only on Quart's own way (another server's receive channel), in Quart's request task.
         await self._send_response(send, await self._response(request))
 
     async def _response(self, request: QuartRequest) -> ResponseTypes:
