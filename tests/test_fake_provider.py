@@ -17,6 +17,7 @@ import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.e2e.gateway import eventually
 from tests.support.fake_provider import (
     MIDSTREAM_FAIL_CHUNKS,
     MIN_OUTPUT_TOKENS,
@@ -913,22 +914,18 @@ def test_fault_hang(fake: FakeProvider) -> None:
             assert 0.5 <= time.monotonic() - started < 1.5
         with pytest.raises(openai.APITimeoutError):
             client.responses.create(model="stuck", input="x")
+        # The provider notices those clients left on its own poll; only then does the count below mean one request.
+        eventually(lambda: fake.hanging == 0, 2, "the timed-out requests to be let go")
 
         # While a request hangs, the provider answers others.
         pool = ThreadPoolExecutor(1)
         hung = pool.submit(ok, client, "stuck")
-        deadline = time.monotonic() + 5
-        while fake.hanging < 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert fake.hanging == 1
+        eventually(lambda: fake.hanging == 1, 5, "the request to hang")
         assert client.chat.completions.create(model="m", messages=USER).choices[0].message.content
         assert hung.result(5) is False
         pool.shutdown()
     # Once the client gave up, the provider lets go of the request.
-    deadline = time.monotonic() + 2
-    while fake.hanging and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert fake.hanging == 0
+    eventually(lambda: fake.hanging == 0, 2, "the given-up request to be let go")
     assert fake.request_count("stuck") == fake.fault_hits == 4
     assert not fake.streams
 
