@@ -49,7 +49,8 @@ def create_app(settings: Settings) -> Quart:
         scalar_ui_path=None,
     )
     registry = Registry(settings.models, settings.agents, settings.pools, settings.routing)
-    service = ResponsesService(build_store(settings.responses), registry.find)
+    service = ResponsesService(build_store(settings.responses), registry.find,
+                               settings.responses.unsupported_tools)
     install_state(app.extensions, AppState(
         settings=settings, registry=registry, models_body=openai.models_body(registry.served_names(),
                                                                             registry.created),
@@ -121,7 +122,7 @@ def _install_hooks(app: Quart, settings: Settings) -> None:
         if origin and ("*" in origins or origin in origins):
             response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
             response.headers["Access-Control-Expose-Headers"] = ("X-Request-ID, Retry-After, X-Helios-Served-By, "
-                                                                 "X-Helios-Attempts")
+                                                                 "X-Helios-Attempts, X-Helios-Dropped-Tools")
             if "*" not in origins:
                 response.vary.add("Origin")
         exchange: Exchange | None = g.get("exchange")

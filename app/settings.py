@@ -131,6 +131,10 @@ class ResponsesSettings(_Section):
     max_bytes: int = Field(
         256 * 1024 * 1024, ge=1024 * 1024, description="memory: bytes of stored responses kept, the same way."
     )
+    unsupported_tools: Literal["drop", "reject"] = Field(
+        "drop", description="Hosted tools (web_search, ...) sent to a translated model: 'drop' leaves them out "
+                            "(named in X-Helios-Dropped-Tools), 'reject' answers 400."
+    )
 
     @model_validator(mode="after")
     def _redis_needs_url(self) -> ResponsesSettings:

@@ -14,10 +14,10 @@ from typing import Any
 from app.backends.base import ToolStep
 from app.errors import APIError
 from app.jsonbytes import encode_string
+from app.responses.tools import ToolSet, custom_input
 from app.responses.translate import (
     ResponseShape,
     error_object,
-    function_call_item,
     incomplete_reason,
     message_item,
     new_id,
@@ -56,8 +56,9 @@ class _Open:
 
 
 class ChatEvents:
-    def __init__(self, shape: ResponseShape, steps: list[ToolStep] | None = None) -> None:
+    def __init__(self, shape: ResponseShape, tools: ToolSet, steps: list[ToolStep] | None = None) -> None:
         self.shape = shape
+        self.tools = tools
         self.seq = 0
         self.output: list[dict[str, Any]] = []
         self._open: _Open | None = None
@@ -163,11 +164,13 @@ class ChatEvents:
         function = part.get("function") or {}
         if item is None:
             self._close(out)
-            item = _Open("call", len(self.output), new_id("fc"))
+            name = function.get("name") or ""
+            custom = self.tools.is_custom(name)
+            item = _Open("custom" if custom else "call", len(self.output), new_id("ctc" if custom else "fc"))
             item.call_id = part.get("id") or new_id("call")
-            item.name = function.get("name") or ""
+            item.name = name
             self._calls[index] = item
-            self.output.append(function_call_item(item.id, item.call_id, item.name, "", "in_progress"))
+            self.output.append(self.tools.call_item(item.id, item.call_id, name, "", "in_progress"))
             out.append(self.event("response.output_item.added", {"output_index": item.index,
                                                                  "item": self.output[item.index]}))
             self._open = item
@@ -176,10 +179,12 @@ class ChatEvents:
         arguments = function.get("arguments")
         if arguments:
             item.parts.append(arguments)
-            out.append(self.event("response.function_call_arguments.delta", {
-                "item_id": item.id, "output_index": item.index, "delta": arguments}))
+            # A custom call's input is inside the JSON the model writes: it is sent whole when the call ends.
+            if item.kind == "call":
+                out.append(self.event("response.function_call_arguments.delta", {
+                    "item_id": item.id, "output_index": item.index, "delta": arguments}))
 
-    def _close(self, out: list[bytes]) -> None:
+    def _close(self, out: list[bytes], status: str = "completed") -> None:
         item = self._open
         if item is None:
             return
@@ -200,11 +205,20 @@ class ChatEvents:
             out.append(self.event("response.content_part.done", {
                 "item_id": item.id, "output_index": index, "content_index": 0,
                 "part": text_part(text, item.logprobs)}))
-            self.output[index] = message_item(item.id, text, None, item.logprobs)
+            self.output[index] = message_item(item.id, text, None, item.logprobs, status)
+        elif item.kind == "custom":
+            value = custom_input(text)
+            if value:
+                out.append(self.event("response.custom_tool_call_input.delta", {
+                    "item_id": item.id, "output_index": index, "delta": value}))
+            out.append(self.event("response.custom_tool_call_input.done", {
+                "item_id": item.id, "output_index": index, "input": value}))
+            self.output[index] = self.tools.call_item(item.id, item.call_id, item.name, text, status)
         else:
+            call = self.tools.call_item(item.id, item.call_id, item.name, text, status)
             out.append(self.event("response.function_call_arguments.done", {
-                "item_id": item.id, "output_index": index, "name": item.name, "arguments": text}))
-            self.output[index] = function_call_item(item.id, item.call_id, item.name, text)
+                "item_id": item.id, "output_index": index, "name": call["name"], "arguments": text}))
+            self.output[index] = call
         out.append(self.event("response.output_item.done", {"output_index": index, "item": self.output[index]}))
 
     # ---- an agent's server-side tool calls ---------------------------------------------------------
@@ -241,8 +255,9 @@ class ChatEvents:
         out: list[bytes] = []
         if self._steps is not None:
             self._show_steps(out)
-        self._close(out)
         incomplete = incomplete_reason(self._finish)
+        # What the token limit cut is itself incomplete, as OpenAI marks it.
+        self._close(out, "incomplete" if incomplete else "completed")
         body = self.shape.body("incomplete" if incomplete else "completed", self.output,
                                response_usage(self._usage), incomplete=incomplete)
         out.append(self.event("response.incomplete" if incomplete else "response.completed", {"response": body}))

@@ -113,6 +113,8 @@ class FunctionCallItem(_Open):
     type: Literal["function_call"]
     id: str | None = None
     call_id: str = Field(min_length=1)
+    #: the namespace tool the function belongs to, when it does
+    namespace: str | None = None
     name: str = Field(min_length=1)
     arguments: str
     status: str | None = None
@@ -120,6 +122,24 @@ class FunctionCallItem(_Open):
 
 class FunctionCallOutputItem(_Open):
     type: Literal["function_call_output"]
+    id: str | None = None
+    call_id: str = Field(min_length=1)
+    output: str | list[ContentPart]
+    status: str | None = None
+
+
+class CustomToolCallItem(_Open):
+    type: Literal["custom_tool_call"]
+    id: str | None = None
+    call_id: str = Field(min_length=1)
+    namespace: str | None = None
+    name: str = Field(min_length=1)
+    input: str
+    status: str | None = None
+
+
+class CustomToolCallOutputItem(_Open):
+    type: Literal["custom_tool_call_output"]
     id: str | None = None
     call_id: str = Field(min_length=1)
     output: str | list[ContentPart]
@@ -146,7 +166,8 @@ class McpCallItem(_Open):
     error: Any = None
 
 
-_ITEM_TYPES = frozenset({"message", "function_call", "function_call_output", "reasoning", "mcp_call"})
+_ITEM_TYPES = frozenset({"message", "function_call", "function_call_output", "custom_tool_call",
+                         "custom_tool_call_output", "reasoning", "mcp_call"})
 
 
 class OtherItem(_Open):
@@ -168,6 +189,8 @@ InputItem = Annotated[
     Annotated[MessageItem, Tag("type=message")]
     | Annotated[FunctionCallItem, Tag("type=function_call")]
     | Annotated[FunctionCallOutputItem, Tag("type=function_call_output")]
+    | Annotated[CustomToolCallItem, Tag("type=custom_tool_call")]
+    | Annotated[CustomToolCallOutputItem, Tag("type=custom_tool_call_output")]
     | Annotated[ReasoningItem, Tag("type=reasoning")]
     | Annotated[McpCallItem, Tag("type=mcp_call")]
     | Annotated[OtherItem, Tag("type=other")],
@@ -245,11 +268,13 @@ class ResponsesRequest(_Open):
     model answers it through Chat Completions, which refuses with a 400 naming the field what it cannot carry:
     the fields conversation, prompt, context_management, max_tool_calls and n (code unsupported_parameter);
     input items and content parts of types not listed here; images, audio and files outside user messages;
-    images without image_url and files without file_data; tools other than function tools (code
-    unsupported_tool_type); a tool_choice object other than a function's. 'background' needs 'store' not
-    false; an unknown previous_response_id is a 404. text.verbosity becomes the chat extra 'verbosity', which
-    an embedded model refuses (param 'verbosity'). Fields not listed here are passed on as chat extras (see the
-    chat completion request)."""
+    images without image_url and files without file_data. Function, custom and namespace tools become
+    chat functions; hosted tools (web_search, file_search, mcp, ...) are left out and named in the
+    X-Helios-Dropped-Tools header, or refused (code unsupported_tool_type) where the operator set
+    responses.unsupported_tools = 'reject'; a tool_choice forcing a hosted tool is refused. 'background'
+    needs 'store' not false; an unknown previous_response_id is a 404. text.verbosity becomes the chat extra
+    'verbosity', which an embedded model refuses (param 'verbosity'). Fields not listed here are passed on as
+    chat extras (see the chat completion request)."""
 
     model: str = Field(min_length=1)
     input: Annotated[str, Field(min_length=1)] | Annotated[list[InputItem], Field(min_length=1)]

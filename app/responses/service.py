@@ -25,6 +25,7 @@ from app.protocol import ChatCompletionRequest
 from app.responses.events import ChatEvents
 from app.responses.protocol import ResponsesRequest
 from app.responses.store import ResponseStore, StoredResponse
+from app.responses.tools import ToolSet, UnsupportedTools
 from app.responses.translate import ResponseShape, chat_body, error_object, input_items, response_from_chat
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,8 @@ class _Turn:
     previous_background: bool = False
     #: frames so far, kept when the response is stored or followed
     log: list[bytes] | None = None
+    #: the request's tools as a translated model sees them (None on a native relay, which sends them as they are)
+    tools: ToolSet | None = None
 
     def record(self, response_id: str, response: bytes) -> StoredResponse:
         return StoredResponse(id=response_id, owner=self.owner, response=response,
@@ -109,9 +112,10 @@ class _Live:
 
 
 class ResponsesService:
-    def __init__(self, store: ResponseStore, find: Any) -> None:
+    def __init__(self, store: ResponseStore, find: Any, unsupported_tools: UnsupportedTools = "drop") -> None:
         self.store = store
         self._find = find
+        self._unsupported_tools: UnsupportedTools = unsupported_tools
         self._running: dict[str, tuple[asyncio.Task[None], _Live]] = {}
         store.on_cancel(self._cancel_here)
 
@@ -128,11 +132,16 @@ class ResponsesService:
     # ---- POST /v1/responses ------------------------------------------------------------------------
 
     async def create(self, request: ResponsesRequest, body: bytes, backend: Backend, owner: str,
-                     stats: CallStats) -> bytes | ChunkStream:
+                     stats: CallStats) -> tuple[bytes | ChunkStream, list[str]]:
+        """The answer, and the types of the hosted tools left out of what the model saw."""
         if request.background and not request.stores:
             raise invalid_request("Invalid value for 'background': a background response must be stored; "
                                   "remove 'store: false'.", "background")
         turn = _Turn(request, body, backend, request.model, owner, stats, [], input_items(request))
+        if not backend.relays_responses:
+            turn.tools = ToolSet(request.tools, request.tool_choice, self._unsupported_tools)
+            turn.tools.log_dropped(request.model)
+        dropped = turn.tools.dropped if turn.tools is not None else []
         if request.previous_response_id:
             turn.previous = await self._owned(request.previous_response_id, owner, "previous_response_id")
             previous = json.loads(turn.previous.response)
@@ -142,15 +151,15 @@ class ResponsesService:
             turn.history = json.loads(turn.previous.input_items) + previous["output"]
             turn.previous_background = bool(previous.get("background"))
         if request.background:
-            return await self._background(turn)
+            return await self._background(turn), dropped
         if backend.relays_responses:
-            return await self._native(turn)
-        return await self._translated(turn)
+            return await self._native(turn), dropped
+        return await self._translated(turn), dropped
 
     # ---- through Chat Completions --------------------------------------------------------------------
 
     def _chat_request(self, turn: _Turn, *, stream: bool) -> tuple[ChatCompletionRequest, bytes]:
-        raw = _dumps(chat_body(turn.request, turn.history, turn.items, stream=stream))
+        raw = _dumps(chat_body(turn.request, self._tools(turn), turn.history, turn.items, stream=stream))
         try:
             return ChatCompletionRequest.model_validate_json(raw), raw
         except ValidationError as exc:
@@ -167,13 +176,18 @@ class ResponsesService:
             chunks = await turn.backend.chat_stream(chat, raw, turn.served_as, stats)
             if request.stores:
                 turn.log = []
-            return self._events(turn, ChatEvents(shape, steps), chunks)
+            return self._events(turn, ChatEvents(shape, self._tools(turn), steps), chunks)
         chat, raw = self._chat_request(turn, stream=False)
         answer = await turn.backend.chat(chat, raw, turn.served_as, stats)
-        data = _dumps(response_from_chat(shape, answer, steps))
+        data = _dumps(response_from_chat(shape, self._tools(turn), answer, steps))
         if request.stores:
             await self.store.put(turn.record(shape.id, data))
         return data
+
+    @staticmethod
+    def _tools(turn: _Turn) -> ToolSet:
+        assert turn.tools is not None, "a translated turn has its tools"
+        return turn.tools
 
     async def _events(self, turn: _Turn, events: ChatEvents, chunks: ChunkStream) -> AsyncIterator[list[bytes]]:
         log = turn.log
@@ -333,7 +347,8 @@ class ResponsesService:
         turn.log = live.frames
         status = 200
         steps: list[ToolStep] = []
-        events = ChatEvents(shape, steps)
+        # A native relay's events are the provider's: these only end it (failed, cancelled).
+        events = ChatEvents(shape, turn.tools or ToolSet(None, None, "drop"), steps)
         try:
             await self.store.put(turn.record(shape.id, _dumps(shape.body("in_progress", []))))
             async for _ in await self._background_stream(turn, shape, events, steps):

@@ -14,11 +14,10 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from pydantic import ValidationError
-
 from app.backends.base import ToolStep
-from app.errors import from_validation_error, invalid_request
-from app.responses.protocol import FunctionTool, ResponsesRequest
+from app.errors import invalid_request
+from app.responses.protocol import ResponsesRequest
+from app.responses.tools import ToolSet, custom_arguments, flat_name
 
 # Spec fields with nothing here to honour them: refused by name rather than dropped.
 _REFUSED = {
@@ -60,12 +59,14 @@ def input_items(request: ResponsesRequest) -> list[dict[str, Any]]:
     return items
 
 
-_ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs"}
+_ITEM_PREFIX = {"message": "msg", "function_call": "fc", "function_call_output": "fco", "reasoning": "rs",
+                "custom_tool_call": "ctc", "custom_tool_call_output": "ctco"}
 
 
-def chat_body(request: ResponsesRequest, history: list[dict[str, Any]], items: list[dict[str, Any]],
-              *, stream: bool) -> dict[str, Any]:
-    """The Chat Completions body for a Responses request (``model`` first, for the remote byte rewrite)."""
+def chat_body(request: ResponsesRequest, tools: ToolSet, history: list[dict[str, Any]],
+              items: list[dict[str, Any]], *, stream: bool) -> dict[str, Any]:
+    """The Chat Completions body for a Responses request (``model`` first, for the remote byte rewrite), with
+    the request's tools as ``tools`` made them."""
     for name, why in _REFUSED.items():
         if name in request.model_fields_set or name in (request.model_extra or {}):
             raise invalid_request(f"Unsupported parameter: '{name}': {why}.", name, "unsupported_parameter")
@@ -80,10 +81,14 @@ def chat_body(request: ResponsesRequest, history: list[dict[str, Any]], items: l
         raise invalid_request("Invalid value for 'input': it holds nothing a chat model reads (reasoning items "
                               "only); add a message.", "input")
     body["messages"] = messages
-    if request.tools:
-        body["tools"] = [_chat_tool(tool, index) for index, tool in enumerate(request.tools)]
-    if request.tool_choice is not None:
-        body["tool_choice"] = _chat_tool_choice(request.tool_choice)
+    if tools.tools:
+        body["tools"] = tools.tools
+    if tools.choice is not None:
+        if tools.tools or not tools.dropped:
+            body["tool_choice"] = tools.choice
+        elif tools.choice == "required":
+            raise invalid_request("Invalid value for 'tool_choice': 'required' needs a tool this model can run, "
+                                  f"and every tool given is hosted ({', '.join(tools.dropped)}).", "tool_choice")
     for name in _PASSED:
         value = getattr(request, name)
         if value is not None:
@@ -126,8 +131,12 @@ def _add_messages(messages: list[dict[str, Any]], items: Iterable[dict[str, Any]
             else:
                 messages.append({"role": role, "content": content})
         elif kind == "function_call":
-            _assistant_call(messages, item["call_id"], item["name"], item["arguments"])
-        elif kind == "function_call_output":
+            _assistant_call(messages, item["call_id"], flat_name(item["name"], item.get("namespace")),
+                            item["arguments"])
+        elif kind == "custom_tool_call":
+            _assistant_call(messages, item["call_id"], flat_name(item["name"], item.get("namespace")),
+                            custom_arguments(item["input"]))
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             output = item["output"]
             text = output if isinstance(output, str) else _joined_text(output, param)
             messages.append({"role": "tool", "tool_call_id": item["call_id"], "content": text})
@@ -205,30 +214,6 @@ def _joined_text(parts: list[dict[str, Any]], param: str | None) -> str:
                                   f"{param}.output[{i}]")
         texts.append(part["text"])
     return "\n".join(texts)
-
-
-def _chat_tool(tool: dict[str, Any], index: int) -> dict[str, Any]:
-    kind = tool.get("type")
-    if kind != "function":
-        raise invalid_request(f"Invalid value for 'tools[{index}].type': tools of type '{kind}' are not supported "
-                              "here; only 'function' tools are.", f"tools[{index}].type", "unsupported_tool_type")
-    try:
-        function = FunctionTool.model_validate(tool)
-    except ValidationError as exc:
-        error = from_validation_error(exc)
-        param = f"tools[{index}].{error.param}" if error.param else f"tools[{index}]"
-        raise invalid_request(error.message.replace(f"'{error.param}'", f"'{param}'"), param) from None
-    return {"type": "function", "function": function.model_dump(exclude_none=True, exclude={"type"})}
-
-
-def _chat_tool_choice(choice: str | dict[str, Any]) -> str | dict[str, Any]:
-    if isinstance(choice, str):
-        return choice
-    if choice.get("type") == "function" and isinstance(choice.get("name"), str) and choice["name"]:
-        return {"type": "function", "function": {"name": choice["name"]}}
-    raise invalid_request(f"Invalid value for 'tool_choice': a choice of type '{choice.get('type')}' is not "
-                          "supported; use 'auto', 'none', 'required' or {\"type\": \"function\", \"name\": ...}.",
-                          "tool_choice")
 
 
 # ---- the Response object -------------------------------------------------------------------------
@@ -328,12 +313,6 @@ def reasoning_item(item_id: str, text: str) -> dict[str, Any]:
     return {"id": item_id, "type": "reasoning", "summary": [{"type": "summary_text", "text": text}]}
 
 
-def function_call_item(item_id: str, call_id: str, name: str, arguments: str,
-                       status: str = "completed") -> dict[str, Any]:
-    return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name, "arguments": arguments,
-            "status": status}
-
-
 def step_item(step: ToolStep, item_id: str) -> dict[str, Any]:
     """An agent's tool call as an ``mcp_call`` item: a call a server ran on the client's behalf, which is what it
     is. Built-in tools too (``server_label`` "builtin"): as a ``function_call`` item, a client such as the Agents
@@ -363,7 +342,8 @@ def _token_bytes(entry: dict[str, Any]) -> list[int]:
     return list(value) if value is not None else list(str(entry["token"]).encode())
 
 
-def response_from_chat(shape: ResponseShape, answer: bytes, steps: list[ToolStep] | None) -> dict[str, Any]:
+def response_from_chat(shape: ResponseShape, tools: ToolSet, answer: bytes,
+                       steps: list[ToolStep] | None) -> dict[str, Any]:
     """A whole chat answer as a finished Response: reasoning, the agent's steps, calls, then the message."""
     data = json.loads(answer)
     choice = data["choices"][0]
@@ -374,15 +354,18 @@ def response_from_chat(shape: ResponseShape, answer: bytes, steps: list[ToolStep
         output.append(reasoning_item(new_id("rs"), reasoning))
     for step in steps or ():
         output.append(step_item(step, new_id("mcp")))
+    incomplete = incomplete_reason(choice.get("finish_reason"))
     content, refusal = message.get("content"), message.get("refusal")
     if content is not None or refusal:
         logprobs = response_logprobs((choice.get("logprobs") or {}).get("content"))
-        output.append(message_item(new_id("msg"), content, refusal, logprobs))
+        # A message cut by the token limit is itself incomplete, as OpenAI marks it.
+        output.append(message_item(new_id("msg"), content, refusal, logprobs,
+                                   "incomplete" if incomplete else "completed"))
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
-        output.append(function_call_item(new_id("fc"), call["id"], function.get("name", ""),
-                                         function.get("arguments", "")))
-    incomplete = incomplete_reason(choice.get("finish_reason"))
+        name = function.get("name", "")
+        output.append(tools.call_item(new_id("ctc" if tools.is_custom(name) else "fc"), call["id"], name,
+                                      function.get("arguments", "")))
     return shape.body("incomplete" if incomplete else "completed", output, response_usage(data.get("usage")),
                       incomplete=incomplete)
 

@@ -15,6 +15,8 @@ from app.state import app_state
 from app.streaming import RESPONSES_FRAMING
 
 blueprint = Blueprint("responses", __name__, url_prefix="/v1/responses")
+#: the hosted tools a translated model was not shown, by type
+DROPPED_TOOLS = "X-Helios-Dropped-Tools"
 
 
 def _service() -> ResponsesService:
@@ -56,10 +58,12 @@ async def create_response() -> Response:
     req, body = await read_body(ResponsesRequest)
     backend = find_backend(req.model)
     exchange = g.exchange
-    answer = await timed(_service().create(req, body, backend, _owner(), exchange.stats))
-    if isinstance(answer, bytes):
-        return json_response(answer)
-    return await stream_response(answer, RESPONSES_FRAMING)
+    answer, dropped = await timed(_service().create(req, body, backend, _owner(), exchange.stats))
+    response = json_response(answer) if isinstance(answer, bytes) else await stream_response(answer,
+                                                                                            RESPONSES_FRAMING)
+    if dropped:
+        response.headers[DROPPED_TOOLS] = ", ".join(dropped)
+    return response
 
 
 @blueprint.get("/<response_id>")

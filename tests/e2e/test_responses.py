@@ -198,7 +198,8 @@ def test_streamed_function_calls_have_argument_events(oa: openai.OpenAI) -> None
 
 @pytest.mark.parametrize(("params", "param"), [
     ({"temperature": 5}, "temperature"),
-    ({"tools": [{"type": "web_search"}]}, "tools[0].type"),
+    ({"tools": [{"type": "namespace", "name": "ns", "description": "d", "tools": []}]}, "tools[0].tools"),
+    ({"tools": [{"type": "custom", "name": "c", "format": {"type": "grammar", "syntax": "ebnf"}}]}, "tools[0].format"),
     ({"tools": [{"type": "function", "name": "bad name!"}]}, "tools[0].name"),
     ({"conversation": "conv_1"}, "conversation"),
     ({"input": [{"type": "computer_call_output", "call_id": "x"}]}, "input[0].type"),
