@@ -208,3 +208,9 @@ def test_a_message_cut_by_the_token_limit_is_incomplete_whole_and_streamed() -> 
     assert (body["status"], body["output"][0]["status"]) == ("incomplete", "incomplete")
     done = [e for e in _events(closing) if e["type"] == "response.output_item.done"]
     assert done[0]["item"]["status"] == "incomplete"
+
+
+def test_a_clients_bookkeeping_is_not_passed_to_the_model() -> None:
+    request = _request(client_metadata={"thread_id": "t"}, top_k=3)
+    body = chat_body(request, ToolSet(None, None, "drop"), [], input_items(request), stream=False)
+    assert "client_metadata" not in body and body["top_k"] == 3

@@ -29,8 +29,11 @@ _REFUSED = {
     # A chat extra that would make several answers, of which a Response shows one (or, streamed, a mix).
     "n": "a response has one answer; send one request per answer",
 }
+# Accepted and not passed on: a client's bookkeeping for OpenAI's own records (Codex CLI sends its turn ids),
+# which a chat provider or an embedded model would refuse as an unknown parameter.
+_BOOKKEEPING = frozenset({"client_metadata"})
 # Fields this module or the service turns into something else; all others pass to the chat body as extras.
-_HANDLED = frozenset(ResponsesRequest.model_fields) | frozenset(_REFUSED)
+_HANDLED = frozenset(ResponsesRequest.model_fields) | frozenset(_REFUSED) | _BOOKKEEPING
 _PASSED = ("user", "service_tier", "prompt_cache_key", "safety_identifier", "temperature", "top_p",
            "parallel_tool_calls")
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
