@@ -7,9 +7,11 @@ redirects to any other host.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import re
 import zoneinfo
+from concurrent.futures import ThreadPoolExecutor
 from decimal import ROUND_FLOOR, Decimal, DivisionByZero, InvalidOperation, Overflow, localcontext
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -23,6 +25,13 @@ _MAX_EXPRESSION = 1000
 _MAX_EXPONENT = 10_000
 _MAX_REDIRECTS = 5
 _EXACT_DIGITS = 1000
+# Results that are not integers are shown to 50 significant digits, so a fractional power (the one costly
+# operation: a logarithm and an exponential at the context's precision) is worked out to a few more than that,
+# not to the 1,000 digits of exact integers. With this and the length limit, every expression is cheap.
+_INEXACT_DIGITS = 60
+_SHOWN_DIGITS = 50
+# Parentheses nested deeper than this are refused rather than recursed into.
+_MAX_DEPTH = 100
 
 
 def _schema(*, optional: bool = False, **strings: str) -> dict[str, Any]:
@@ -56,6 +65,7 @@ class _Parser:
             self.tokens.append(match.group(1) or match.group(2))
             position = match.end()
         self.position = 0
+        self.depth = 0
 
     def parse(self) -> Decimal:
         if not self.tokens:
@@ -98,11 +108,12 @@ class _Parser:
         return value
 
     def _unary(self) -> Decimal:
-        if self._peek() in ("+", "-"):
-            sign = self._take()
-            value = self._unary()
-            return -value if sign == "-" else value
-        return self._power()
+        # A run of signs is read in a loop: a recursion per sign would let "------1" exhaust the stack.
+        negative = False
+        while self._peek() in ("+", "-"):
+            negative ^= self._take() == "-"
+        value = self._power()
+        return -value if negative else value
 
     def _power(self) -> Decimal:
         base = self._atom()
@@ -111,15 +122,25 @@ class _Parser:
             exponent = self._unary()  # right-associative, and 2**-1 is allowed
             if abs(exponent) > _MAX_EXPONENT:
                 raise CalculatorError("exponent too large")
-            return base**exponent
+            if base == 0 and exponent < 0:
+                raise CalculatorError("division by zero")
+            if exponent == exponent.to_integral_value():
+                return base**exponent
+            with localcontext() as context:
+                context.prec = _INEXACT_DIGITS
+                return base**exponent
         return base
 
     def _atom(self) -> Decimal:
         token = self._take()
         if token == "(":
+            self.depth += 1
+            if self.depth > _MAX_DEPTH:
+                raise CalculatorError(f"parentheses nested deeper than {_MAX_DEPTH}")
             value = self._sum()
             if self._take() != ")":
                 raise CalculatorError("missing ')'")
+            self.depth -= 1
             return value
         if token[0].isdigit() or token[0] == ".":
             return Decimal(token)
@@ -128,7 +149,7 @@ class _Parser:
 
 def calculate(expression: str) -> str:
     """The value of an arithmetic expression: integers exact up to 1,000 digits, other results to 50
-    significant digits."""
+    significant digits. Every failure is a CalculatorError saying why (never Python's own exceptions)."""
     if len(expression) > _MAX_EXPRESSION:
         raise CalculatorError(f"expression longer than {_MAX_EXPRESSION} characters")
     with localcontext() as context:
@@ -137,16 +158,16 @@ def calculate(expression: str) -> str:
         context.Emin = -100_000
         try:
             value = _Parser(expression).parse()
+            if value == value.to_integral_value() and value.adjusted() < _EXACT_DIGITS:
+                return str(value.quantize(Decimal(1)))
+            context.prec = _SHOWN_DIGITS
+            return str(+value.normalize(context))
         except (DivisionByZero, ZeroDivisionError):
             raise CalculatorError("division by zero") from None
         except Overflow:
-            raise CalculatorError("the result is too large") from None
+            raise CalculatorError("a number or the result is too large") from None
         except InvalidOperation:
             raise CalculatorError("the result is not a number (e.g. a fractional power of a negative)") from None
-        if value == value.to_integral_value() and value.adjusted() < _EXACT_DIGITS:
-            return str(value.quantize(Decimal(1)))
-        context.prec = 50
-        return str(+value.normalize(context))
 
 
 class Calculator(Tool):
@@ -155,11 +176,21 @@ class Calculator(Tool):
                    "integers and decimals. Example: (2 + 3) * 4.5")
     parameters = _schema(expression="The expression, e.g. 12 * (3 + 4) / 2")
 
+    def __init__(self) -> None:
+        # Bounded work, but still milliseconds of CPU for the longest expressions: off the event loop, so that
+        # other requests are served meanwhile, and on one thread, so that concurrent calls queue behind each
+        # other instead of taking turns at the interpreter lock with the event loop.
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="helios-calculator")
+
     async def call(self, arguments: dict[str, Any]) -> ToolResult:
         try:
-            return ToolResult(calculate(str(arguments["expression"])))
+            expression = str(arguments["expression"])
+            return ToolResult(await asyncio.get_running_loop().run_in_executor(self._thread, calculate, expression))
         except CalculatorError as exc:
             return ToolResult(f"error: {exc}", is_error=True)
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
 
 
 class CurrentTime(Tool):
@@ -243,6 +274,8 @@ class Builtins(ToolSource):
         for tool in self._tools:
             if isinstance(tool, HttpFetch):
                 await tool.close()
+            elif isinstance(tool, Calculator):
+                tool.close()
 
     def tools(self) -> list[Tool]:
         return self._tools

@@ -37,7 +37,8 @@ def gateway(fake_provider: FakeProvider, tmp_path_factory: pytest.TempPathFactor
               "http_allow_hosts": ["127.0.0.1"], "tool_timeout": 3}
     config = {
         "models": [remote_model(fake_provider, "scripted", "tool-script"),
-                   remote_model(fake_provider, "limited", "error-429")],
+                   remote_model(fake_provider, "limited", "error-429"),
+                   remote_model(fake_provider, "plain", "gpt-4o")],
         "agents": [
             {**common, "name": AGENT, "aliases": ["helper-alias"], "system_prompt_file": str(prompt),
              "max_tool_output_bytes": 300},
@@ -201,6 +202,36 @@ def test_slow_tools_time_out_and_run_concurrently(oa: openai.OpenAI, fake_provid
     slow = {"name": "http_fetch", "arguments": {"url": f"{root}/pages/sleep/10"}}
     reply = oa.chat.completions.create(model=AGENT, messages=script([slow]))
     assert results(reply.choices[0].message.content)["call_s0_0"] == "error: the tool took longer than 3 s"
+
+
+def test_costly_calculator_calls_hold_up_no_other_request(gateway: HeliosProcess) -> None:
+    """The attack: four calculator calls of a 995-character sum of fractional powers in one round (seconds of
+    CPU each before their cost was bounded). Meanwhile another client's /health and a plain remote request
+    answer within 100 ms each."""
+    costly = calc("+".join(["9**.9"] * 166))
+
+    async def attack() -> tuple[Any, list[float]]:
+        async with httpx2.AsyncClient(base_url=gateway.base_url, timeout=30) as http:
+            # Connections (client to gateway, gateway to provider) opened before the clock starts.
+            await http.post("/v1/chat/completions", json={"model": "plain", "messages": [
+                {"role": "user", "content": "hi"}]})
+            agent = asyncio.create_task(http.post("/v1/chat/completions", json={
+                "model": AGENT, "messages": script([costly] * 4, [costly] * 4)}))
+            waits: list[float] = []
+            while not agent.done() or len(waits) < 4:
+                started = time.monotonic()
+                health = await http.get("/health")
+                plain = await http.post("/v1/chat/completions", json={
+                    "model": "plain", "messages": [{"role": "user", "content": "hi"}]})
+                assert health.status_code == 200 and plain.status_code == 200, plain.text
+                waits.append((time.monotonic() - started) / 2)
+            return await agent, waits
+
+    reply, waits = asyncio.run(attack())
+    assert reply.status_code == 200, reply.text
+    quoted = results(reply.json()["choices"][0]["message"]["content"])
+    assert len(quoted) == 8 and len(set(quoted.values())) == 1 and quoted["call_s0_0"].startswith("1199.29589"), quoted
+    assert max(waits) < 0.1, waits
 
 
 def test_fifty_concurrent_requests_are_not_serialised(gateway: HeliosProcess, fake_provider: FakeProvider) -> None:
