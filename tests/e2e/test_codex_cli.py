@@ -19,7 +19,6 @@ import httpx2
 import pytest
 
 from tests.e2e.agents_support import script
-from tests.support.engine import PLAIN
 from tests.support.fake_provider import FakeProvider, remote_model
 from tests.support.npm import npm_tool
 from tests.support.server import HeliosProcess
@@ -111,13 +110,3 @@ def test_reject_refuses_hosted_tools_by_name(helios: object, fake_provider: Fake
     assert (error["param"], error["code"]) == ("tools[1].type", "unsupported_tool_type"), error
     assert json.loads(answer.text)["error"]["type"] == "invalid_request_error"
 
-
-def test_codex_on_a_small_context_model_is_told_its_prompt_does_not_fit(
-        codex: Path, engine_gateway: HeliosProcess, tmp_path: Path) -> None:
-    """Codex's own prompt (instructions and tools) is far longer than the demo model's context: the request gets
-    past translation (its tools, namespace, hosted tool and bookkeeping fields are all taken) and the engine
-    refuses it for its length, which Codex reports."""
-    done = _codex_exec(codex, engine_gateway, PLAIN, tmp_path / "codex-home", "Say hello")
-    assert done.returncode != 0
-    assert "context_length_exceeded" in done.stderr or "maximum context length" in done.stderr, done.stderr[-3000:]
-    assert "Unsupported parameter" not in done.stderr
