@@ -59,7 +59,7 @@ def test_reject_keeps_the_strict_behaviour() -> None:
     ({"type": "file_search"}, "tool_choice"),
     ({"type": "function", "name": "nope"}, "tool_choice"),
     ({"type": "custom", "name": "exec_command"}, "tool_choice"),
-    ({"type": "function"}, "tool_choice.name"),
+    ({"type": "function"}, "tool_choice"),
     ({"type": "allowed_tools", "mode": "auto", "tools": [{"type": "web_search"}]}, "tool_choice.tools[0]"),
 ])
 def test_a_choice_of_a_tool_the_model_cannot_run_is_a_400_naming_it(choice: dict[str, Any], param: str) -> None:

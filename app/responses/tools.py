@@ -132,8 +132,8 @@ class ToolSet:
         if kind in ("function", "custom"):
             name = choice.get("name")
             if not isinstance(name, str) or not name:
-                raise invalid_request("Invalid value for 'tool_choice.name': expected the name of a tool.",
-                                      "tool_choice.name")
+                raise invalid_request("Invalid value for 'tool_choice': expected the 'name' of a tool.",
+                                      "tool_choice")
             namespace = choice.get("namespace")
             flat = flat_name(name, namespace if isinstance(namespace, str) else None)
             known = self._known.get(flat)

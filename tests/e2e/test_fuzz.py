@@ -162,6 +162,8 @@ TRANSLATION_REFUSALS = (
     re.compile(r"^(unsupported_parameter|unsupported_item|unsupported_tool_type):"),
     re.compile(r"^[a-z_]*:input(\[\d+\]\.(type|content(\[\d+\](\.type|\.image_url|\.file_data)?)?|output\[\d+\]))?$"),
     re.compile(r"^[a-z_]*:tool_choice$"),
+    # A namespace or custom tool whose own fields are wrong (names, its tools, a grammar).
+    re.compile(r"^[a-z_]*:tools\[\d+\](\.tools\[\d+\])?\.(name|tools|type|format)$"),
 )
 
 
