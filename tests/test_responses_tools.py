@@ -214,3 +214,10 @@ def test_a_clients_bookkeeping_is_not_passed_to_the_model() -> None:
     request = _request(client_metadata={"thread_id": "t"}, top_k=3)
     body = chat_body(request, ToolSet(None, None, "drop"), [], input_items(request), stream=False)
     assert "client_metadata" not in body and body["top_k"] == 3
+
+
+@pytest.mark.parametrize("kind", ["web\nsearch", "X-Evil: 1", "", "a" * 65])
+def test_a_type_that_names_no_tool_is_refused_not_echoed(kind: str) -> None:
+    with pytest.raises(APIError) as caught:
+        ToolSet([SHELL, {"type": kind}], None, "drop")
+    assert (caught.value.param, caught.value.code) == ("tools[1].type", "unsupported_tool_type")

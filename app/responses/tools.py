@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,6 +40,9 @@ SEPARATOR = "__"
 _MAX_NAME = 64
 #: the one parameter of a custom tool as a function
 INPUT = "input"
+#: what a hosted tool's type looks like (web_search, web_search_preview_2025_03_11, ...); only such names are
+#: dropped and echoed in the response header, anything else is no tool type at all and refused
+_HOSTED_TYPE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 
 
 def flat_name(name: str, namespace: str | None) -> str:
@@ -79,7 +83,7 @@ class ToolSet:
                 self._add(_custom(tool, param, None), tool["name"], None, True, param)
             elif kind == "namespace":
                 self._namespace(tool, param)
-            elif unsupported == "reject" or not isinstance(kind, str):
+            elif unsupported == "reject" or not isinstance(kind, str) or not _HOSTED_TYPE.fullmatch(kind):
                 raise invalid_request(f"Invalid value for '{param}.type': tools of type '{kind}' are not supported "
                                       "here; only 'function', 'custom' and 'namespace' tools are.", f"{param}.type",
                                       "unsupported_tool_type")
