@@ -10,22 +10,17 @@ not be installed fails; where a tool may be absent on a developer's machine it s
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 
+from tests.support.ci import in_ci
 from tests.support.engine import demo_model_dir, engine_gateway, engine_gateway_loading  # noqa: F401
 from tests.support.fixtures import fake_provider, helios, provider  # noqa: F401
 from tests.support.lora import demo_lora_dir  # noqa: F401
 from tests.support.prometheus import PrometheusTools, PrometheusUnavailable, ensure_prometheus
 from tests.support.redis import RedisUnavailable, ensure_redis
-
-
-def in_ci() -> bool:
-    """Whether the tests run in CI: ``CI`` set to anything but empty, 0, false or no."""
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 @dataclass(frozen=True)

@@ -102,9 +102,8 @@ def _request(**fields: Any) -> ResponsesRequest:
 
 def test_every_tool_hosted_with_required_is_a_400_and_with_auto_no_choice() -> None:
     request = _request(tools=[HOSTED[0]], tool_choice="required")
-    tools = ToolSet(request.tools, request.tool_choice, "drop")
     with pytest.raises(APIError) as caught:
-        chat_body(request, tools, [], input_items(request), stream=False)
+        ToolSet(request.tools, request.tool_choice, "drop")
     assert caught.value.param == "tool_choice"
     request = _request(tools=[HOSTED[0]], tool_choice="auto")
     body = chat_body(request, ToolSet(request.tools, request.tool_choice, "drop"), [], input_items(request),

@@ -90,6 +90,12 @@ class ToolSet:
             else:
                 self.dropped.append(kind)
         self.choice = self._choice(choice)
+        if self.dropped and not self.tools and self.choice is not None:
+            if self.choice == "required":
+                raise invalid_request("Invalid value for 'tool_choice': 'required' needs a tool this model can "
+                                      f"run, and every tool given is hosted ({', '.join(self.dropped)}).",
+                                      "tool_choice")
+            self.choice = None  # nothing the model can run is left to choose from
 
     def _add(self, function: dict[str, Any], name: str, namespace: str | None, custom: bool, param: str) -> None:
         flat = function["function"]["name"]

@@ -87,11 +87,7 @@ def chat_body(request: ResponsesRequest, tools: ToolSet, history: list[dict[str,
     if tools.tools:
         body["tools"] = tools.tools
     if tools.choice is not None:
-        if tools.tools or not tools.dropped:
-            body["tool_choice"] = tools.choice
-        elif tools.choice == "required":
-            raise invalid_request("Invalid value for 'tool_choice': 'required' needs a tool this model can run, "
-                                  f"and every tool given is hosted ({', '.join(tools.dropped)}).", "tool_choice")
+        body["tool_choice"] = tools.choice
     for name in _PASSED:
         value = getattr(request, name)
         if value is not None:

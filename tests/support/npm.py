@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import threading
@@ -10,14 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.ci import in_ci
 from tests.support.server import REPO_ROOT
 
 TOOLS = REPO_ROOT / ".tools"
 _lock = threading.Lock()
-
-
-def _in_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def npm_tool(package: str, command: str) -> Path:
@@ -32,7 +28,7 @@ def npm_tool(package: str, command: str) -> Path:
         npm = shutil.which("npm")
         if npm is None:
             message = f"{command} is not in {TOOLS} and npm is not available to install {package}"
-            if _in_ci():
+            if in_ci():
                 pytest.fail(message)
             pytest.skip(message)
         TOOLS.mkdir(exist_ok=True)
